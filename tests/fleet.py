@@ -1,0 +1,226 @@
+"""Test support: a throwaway control host and real agent processes.
+
+Everything here uses the real pieces: certificates from ``pki.py``, the
+registry of ``store.py``, and ``ctrlexec_agent.py serve`` as a subprocess on
+a 127.0.0.x loopback address.  Nothing binds a non-loopback address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import config  # noqa: E402
+import ctrlexec_agent as wire  # noqa: E402
+import pki  # noqa: E402
+import store  # noqa: E402
+
+AGENT = os.path.join(ROOT, "ctrlexec_agent.py")
+START_TIMEOUT_S = 20.0
+
+
+def free_address() -> tuple:
+    """Pick a random 127.0.0.x address and a port that is free on it."""
+    for _ in range(50):
+        address = "127.0.%d.%d" % (random.randint(0, 254), random.randint(2, 254))
+        sock = socket.socket()
+        try:
+            sock.bind((address, 0))
+            return address, sock.getsockname()[1]
+        except OSError:
+            continue
+        finally:
+            sock.close()
+    raise RuntimeError("no free loopback address found")
+
+
+def write_executable(path: str, body: str) -> str:
+    with open(path, "w") as handle:
+        handle.write(body)
+    os.chmod(path, 0o755)
+    return path
+
+
+class AgentHandle:
+    """One enrolled agent: its folder, config, scripts and process."""
+
+    def __init__(self, name: str, folder: str, address: str, port: int) -> None:
+        self.name = name
+        self.dir = folder
+        self.address = address
+        self.port = port
+        self.conf_path = os.path.join(folder, "agent.conf")
+        self.allowlist_path = os.path.join(folder, "scripts.conf")
+        self.scripts_dir = os.path.join(folder, "scripts")
+        self.log_path = os.path.join(folder, "agent.log")
+        self.proc: subprocess.Popen | None = None
+        os.makedirs(self.scripts_dir, exist_ok=True)
+
+    def write_script(self, name: str, body: str, *, allow: bool = True) -> str:
+        """Write an executable script and (by default) allowlist it under ``name``."""
+        path = write_executable(os.path.join(self.scripts_dir, name), body)
+        if allow:
+            self.allow(name, path)
+        return path
+
+    def allow(self, name: str, path: str) -> None:
+        with open(self.allowlist_path, "a") as handle:
+            handle.write("%s = %s\n" % (name, path))
+
+    def set_conf(self, **keys) -> None:
+        """Add/replace top-level agent.conf keys (kept above the [tags] section)."""
+        with open(self.conf_path) as handle:
+            lines = handle.read().splitlines()
+        split = lines.index("[tags]") if "[tags]" in lines else len(lines)
+        head = [l for l in lines[:split] if l.split("=")[0].strip() not in keys]
+        head += ["%s = %s" % (k, v) for k, v in keys.items()]
+        with open(self.conf_path, "w") as handle:
+            handle.write("\n".join(head + lines[split:]) + "\n")
+
+    def start(self, wait: bool = True) -> None:
+        env = dict(os.environ, CTRL_EXEC_LOG="stderr")
+        log = open(self.log_path, "ab")
+        self._log_offset = os.path.getsize(self.log_path)
+        self.proc = subprocess.Popen([sys.executable, AGENT, "serve", "--config", self.conf_path],
+                                     stdout=log, stderr=log, env=env, cwd=self.dir)
+        log.close()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait for the agent's start line (no probe connection: that would count as a TLS failure)."""
+        end = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError("agent %s exited %s:\n%s" % (self.name, self.proc.returncode, self.log()))
+            with open(self.log_path, "rb") as handle:
+                handle.seek(self._log_offset)
+                if b"ACTION=start " in handle.read():
+                    return
+            time.sleep(0.02)
+        raise RuntimeError("agent %s did not start:\n%s" % (self.name, self.log()))
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, "rb") as handle:
+                return handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def sighup(self) -> None:
+        self.signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
+class Fleet:
+    """A control host in ``root/ctrl`` plus agents under ``root/agents``."""
+
+    def __init__(self, root: str, **conf) -> None:
+        self.root = root
+        self.ctrl_dir = os.path.join(root, "ctrl")
+        os.makedirs(self.ctrl_dir, exist_ok=True)
+        self.conf_path = os.path.join(self.ctrl_dir, "ctrl-exec.conf")
+        self.conf = {"ca_dir": "pki", "state_dir": "state", "dispatcher_id": "test-dispatcher",
+                     "api_auth_default": "allow", "read_timeout": "30"}
+        self.conf.update(conf)
+        self._write_conf()
+        cfg = self.cfg
+        pki.create_ca(cfg.ca_dir)
+        pki.create_dispatcher_cert(cfg.ca_dir, cfg.cert, cfg.key)
+        self.agents: dict = {}
+
+    @property
+    def cfg(self):
+        return config.load(self.conf_path)
+
+    @property
+    def registry(self):
+        return store.Registry(self.cfg.state_dir)
+
+    def set_conf(self, **keys) -> None:
+        """Change ctrl-exec.conf keys (value None removes a key)."""
+        for key, value in keys.items():
+            if value is None:
+                self.conf.pop(key, None)
+            else:
+                self.conf[key] = str(value)
+        self._write_conf()
+
+    def _write_conf(self) -> None:
+        with open(self.conf_path, "w") as handle:
+            handle.write("".join("%s = %s\n" % item for item in self.conf.items()))
+
+    def add_agent(self, name: str, *, scripts: dict | None = None, tags: dict | None = None,
+                  conf_extra: dict | None = None, start: bool = True) -> AgentHandle:
+        """Enroll ``name`` with pki.enroll, write its scripts and start it."""
+        address, port = free_address()
+        folder = os.path.join(self.root, "agents", name)
+        pki.enroll(self.cfg, self.registry, name, address=address, port=port, tags=tags or {},
+                   out_dir=folder)
+        agent = AgentHandle(name, folder, address, port)
+        agent.set_conf(**dict({"hostname": name}, **(conf_extra or {})))
+        for script, body in (scripts or {}).items():
+            agent.write_script(script, body)
+        self.agents[name] = agent
+        if start:
+            agent.start()
+        return agent
+
+    def stop_all(self) -> None:
+        for agent in self.agents.values():
+            try:
+                agent.stop()
+            except Exception as exc:  # keep stopping the others
+                print("stopping %s failed: %s" % (agent.name, exc))
+
+    def client_context(self) -> ssl.SSLContext:
+        cfg = self.cfg
+        return wire.client_context(cfg.cert, cfg.key, cfg.ca)
+
+    def request(self, agent: AgentHandle, method: str, path: str, body: dict | None = None, *,
+                ctx: ssl.SSLContext | None = None, timeout: float = 30.0,
+                source: str = "127.0.0.1") -> tuple:
+        """One wire exchange with ``agent`` as the dispatcher; returns (status, headers, json)."""
+        raw = socket.create_connection((agent.address, agent.port), timeout=timeout,
+                                       source_address=(source, 0))
+        try:
+            tls = (ctx or self.client_context()).wrap_socket(raw)
+            tls.sendall(wire.encode_request(method, path, body))
+            status, headers, data = wire.read_response(wire.SocketReader(tls, time.monotonic() + timeout))
+        finally:
+            raw.close()
+        if headers.get("content-type", "").startswith("application/x-ndjson"):
+            return status, headers, [json.loads(line) for line in data.splitlines() if line.strip()]
+        return status, headers, json.loads(data.decode("utf-8")) if data else None
