@@ -943,7 +943,7 @@ class _Capture:
         start = time.monotonic()
         deadline = start + timeout_s if timeout_s else None
         stdin_deadline = start + stdin_timeout
-        kill_at = None
+        kill_at = abandon_at = None
         sel = selectors.DefaultSelector()
         streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
         for fd in streams:
@@ -963,13 +963,16 @@ class _Capture:
                 if kill_at is not None and now >= kill_at:
                     _kill_group(proc, signal.SIGKILL)
                     kill_at = None
+                    abandon_at = now + KILL_GRACE_S
+                if abandon_at is not None and now >= abandon_at:
+                    break  # a process that left the group still holds the pipes
                 if stdin_fd is not None and now >= stdin_deadline:
                     log_action("warning", "stdin-timeout", BYTES=len(pending))
                     sel.unregister(stdin_fd)
                     proc.stdin.close()
                     stdin_fd = None
                     continue
-                waits = [t for t in (deadline if not self.timed_out else None, kill_at,
+                waits = [t for t in (deadline if not self.timed_out else None, kill_at, abandon_at,
                                      stdin_deadline if stdin_fd is not None else None) if t]
                 wait = max(0.0, min(waits) - now) if waits else None
                 if not streams and stdin_fd is not None and wait is None:
