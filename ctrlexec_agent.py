@@ -482,12 +482,19 @@ def run_auth_hook(path: str | None, *, timeout_s: float, action: str, context: d
                                 start_new_session=True, cwd="/")
     except OSError:
         return HookResult(False, 1, "denied", "auth hook is missing or not executable")
+    # stdin is fed from a helper thread and the deadline is applied with
+    # wait(): a hook that never reads stdin, or never exits, cannot hold us
+    # past timeout_s (communicate() ignores its timeout under gevent).
+    feeder = threading.Thread(target=_feed_stdin, args=(proc.stdin, json_bytes(payload)), daemon=True)
+    feeder.start()
     try:
-        proc.communicate(json_bytes(payload), timeout=timeout_s)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _kill_group(proc, signal.SIGKILL)
         proc.wait()
         return HookResult(False, 1, "denied", "auth hook timed out after %gs" % timeout_s)
+    finally:
+        feeder.join(1.0)
     code = proc.returncode
     if code == 0:
         return HookResult(True, 0, "", "")
@@ -499,6 +506,18 @@ def run_auth_hook(path: str | None, *, timeout_s: float, action: str, context: d
 
 
 _HOOK_REASONS = {1: "denied", 2: "bad credentials", 3: "insufficient privilege"}
+
+
+def _feed_stdin(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+    except (BrokenPipeError, OSError, ValueError):
+        pass  # the hook closed stdin or was killed; its exit status decides
+    finally:
+        try:
+            pipe.close()
+        except (BrokenPipeError, OSError):
+            pass
 
 
 def _hook_env(payload: dict) -> dict:
@@ -621,6 +640,8 @@ class AgentConfig:
         self.run_timeout = 3600
         self.max_output = 1048576
         self.stdin_timeout = 10.0
+        #: Deadline for the TLS handshake plus the whole request (slowloris bound).
+        self.request_timeout = REQUEST_DEADLINE_S
         self.streaming = True
         self.hostname = ""
         self.tags: dict = {}
@@ -716,6 +737,8 @@ def _apply_agent_key(cfg: AgentConfig, key: str, value: str, where: str) -> None
         cfg.auth_hook_timeout = float(_int_value(value, where, key, 1, 3600))
     elif key == "stdin_timeout":
         cfg.stdin_timeout = float(_int_value(value, where, key, 1, 3600))
+    elif key == "request_timeout":
+        cfg.request_timeout = float(_int_value(value, where, key, 1, 3600))
     elif key == "allowed_ips":
         cfg.allowed_ips = _parse_networks(value, where)
     elif key in ("rate_limit_volume", "rate_limit_probe"):
@@ -1185,36 +1208,36 @@ class RateLimiter:
         self.table: dict = {}
 
     def allow_connection(self, ip: str) -> bool:
-        """Count a new connection; False when ``ip`` is (or becomes) blocked."""
+        """False while ``ip`` is blocked.  Nothing is counted here (see ``count_untrusted``)."""
         if self.disabled:
             return True
         now = time.monotonic()
         with self.lock:
-            entry = self._entry(ip, now)
-            if entry["blocked_until"] > now:
-                return False
-            return not self._hit(ip, entry, "conns", self.volume, now, "volume")
-
-    def forgive_connection(self, ip: str) -> None:
-        """Un-count a connection that authenticated as a trusted dispatcher.
-
-        The volume limit is there to slow floods and probes from strangers; a
-        fan-out tool polling its agents must not lock itself out.
-        """
-        if self.disabled:
-            return
-        with self.lock:
             entry = self.table.get(ip)
-            if entry and entry["conns"]:
-                entry["conns"].pop()
+            return entry is None or entry["blocked_until"] <= now
 
-    def record_failure(self, ip: str) -> None:
-        """Count a failed TLS handshake from ``ip``."""
+    def count_untrusted(self, ip: str) -> None:
+        """Count a connection that did not authenticate as a trusted dispatcher.
+
+        Counted after the handshake, not at accept: the volume limit is there
+        for floods and strangers, and a burst of parallel runs from the
+        control host (more in flight than ``limit``) must never lock it out.
+        """
         if self.disabled:
             return
         now = time.monotonic()
         with self.lock:
-            self._hit(ip, self._entry(ip, now), "fails", self.probe, now, "probe")
+            self._hit(ip, self._entry(ip, now), "conns", self.volume, now, "volume")
+
+    def record_failure(self, ip: str) -> None:
+        """Count a failed TLS handshake: a probe, and an untrusted connection."""
+        if self.disabled:
+            return
+        now = time.monotonic()
+        with self.lock:
+            entry = self._entry(ip, now)
+            if not self._hit(ip, entry, "fails", self.probe, now, "probe"):
+                self._hit(ip, entry, "conns", self.volume, now, "volume")
 
     def clear(self) -> None:
         with self.lock:
@@ -1409,8 +1432,8 @@ class AgentServer:
             self._release_slot()
 
     def _handle(self, conn: socket.socket, ip: str) -> None:
-        deadline = time.monotonic() + REQUEST_DEADLINE_S
-        conn.settimeout(REQUEST_DEADLINE_S)
+        deadline = time.monotonic() + self.cfg.request_timeout
+        conn.settimeout(self.cfg.request_timeout)
         try:
             tls = self.ctx.wrap_socket(conn, server_side=True)
         except (ssl.SSLError, OSError) as exc:
@@ -1420,9 +1443,13 @@ class AgentServer:
         try:
             state = self.state
             serial = peer_serial(tls)
+            if serial in state.revoked or serial not in state.trusted:
+                self.limiter.count_untrusted(ip)
             if serial in state.revoked:
                 log_action("warning", "revoked-cert", PEER=ip, SERIAL=serial)
-                self._send(tls, 403, {"error": "certificate revoked"})
+                # Answered before the request is read: drain it, or closing
+                # with unread data resets the connection and eats the 403.
+                self._send(tls, 403, {"error": "certificate revoked"}, drain=True)
                 return
             try:
                 request = read_request(SocketReader(tls, deadline))
@@ -1442,7 +1469,6 @@ class AgentServer:
                     {"error": "serial mismatch", "status": "forbidden"}
                 self._send(tls, 403, body)
                 return
-            self.limiter.forgive_connection(ip)
             peer = _Peer(ip, serial, dispatcher)
             self._route(tls, request, state, peer)
         finally:
