@@ -184,7 +184,9 @@ class DemoFleet:
             lines.append("  agent %-8s %s:%d  tags %s  scripts %s  log %s"
                          % (agent.name, agent.address, agent.port, tags,
                             ",".join(sorted(agent.scripts)), agent.log_path))
-        lines.append("API %s (no auth: api_auth_default = allow). Try:" % self.api_url)
+        lines.append("WARNING: the demo API has NO AUTHENTICATION (api_auth_default = allow); "
+                     "it listens on 127.0.0.1 only. Never use this configuration on a network.")
+        lines.append("API %s. Try:" % self.api_url)
         lines.extend("  " + line for line in self.curl_lines())
         lines.append("Stop with Ctrl-C; the next --demo wipes and recreates %s." % self.root)
         return "\n".join(lines)

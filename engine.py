@@ -1,0 +1,705 @@
+"""Fan-out from the control host to ctrl-exec agents over mutual TLS.
+
+Owns: the per-host exchange with an agent (connect, TLS handshake with the one
+client context, one HTTP/1.0 JSON request, the answer, timing), the bounded
+greenlet fan-out of ping / run / capabilities / result fetch, the operator
+wording of transport errors (one place: ``_transport_error``), live output
+streaming, and the aggregation of async run records (reference §5.4).
+
+Never does: gevent monkey-patching (the entry points and tests/conftest.py do
+it; this module only uses gevent's pool and timeout), auth decisions, locks,
+or writing state (callers store what it returns).  It never dials a target the
+registry did not resolve (``address`` None), so an unknown name is never sent
+to DNS, and it never logs or returns the caller's token.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Engine", "EngineError", "CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "MAX_PARALLEL",
+    "STREAM_GRACE_S", "MAX_RESPONSE_BYTES", "MAX_EVENT_LINE_BYTES", "SESSION_CACHE_MAX",
+    "NDJSON_TYPE",
+]
+
+import collections
+import errno
+import socket
+import ssl
+import time
+
+import gevent
+import gevent.pool
+import ujson
+
+import ctrlexec_agent as wire
+
+#: Deadline for TCP connect + TLS handshake, per host.
+CONNECT_TIMEOUT_S = 10.0
+#: Default answer deadline per host (config key ``read_timeout``).
+READ_TIMEOUT_S = 60.0
+#: Default number of hosts talked to at once (config key ``max_parallel``).
+MAX_PARALLEL = 64
+#: Added to a caller's run ``timeout``: the agent kills the script at ``timeout``
+#: and again with SIGKILL 5 s later, so its answer is due by ``timeout + 5``.
+STREAM_GRACE_S = 10
+#: Largest answer accepted from one agent (two streams of the agent's output cap,
+#: with room for a raised ``max_output``); a hostile agent cannot exhaust memory.
+MAX_RESPONSE_BYTES = 64 * wire.MAX_BODY_BYTES
+#: Largest NDJSON event line: the agent sends chunks of at most 64 KiB, which JSON
+#: escaping can grow six-fold.
+MAX_EVENT_LINE_BYTES = wire.MAX_BODY_BYTES
+#: TLS sessions kept for resumption, one per (address, port).
+SESSION_CACHE_MAX = 4096
+
+NDJSON_TYPE = "application/x-ndjson"
+
+#: Host status values of an async record that still wait for the agent.
+_PENDING = ("accepted", "running")
+#: Run fields copied from an agent's answer when present and true.
+_RUN_FLAGS = ("truncated", "timed_out")
+_UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+_CLOSED_DURING_HANDSHAKE = (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError,
+                            ConnectionAbortedError)
+
+
+class EngineError(Exception):
+    """Base of the engine's own errors: bad set-up or a programmer error.
+
+    Per-host failures are never raised; they are result rows.
+    """
+
+
+class Engine:
+    """mTLS client for a fleet of agents; every ``*_all`` verb fans out in parallel.
+
+    One engine is built at start-up and shared: the SSL context is built once,
+    and TLS sessions are cached per agent so repeat exchanges resume instead of
+    doing a full handshake.  Each ``*_all`` call gets its own
+    ``gevent.pool.Pool(max_parallel)``: callers are already bounded (the API's
+    ``api_max_children``), and a per-call pool keeps one 500-host run from
+    starving a concurrent ping; the fd budget is ``api_max_children x max_parallel``.
+    Results always come back in request order.
+    """
+
+    def __init__(self, *, cert: str, key: str, ca: str, read_timeout: float = READ_TIMEOUT_S,
+                 max_parallel: int = MAX_PARALLEL, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+        """Build the client context from the dispatcher's cert, key and CA.
+
+        Raises:
+            EngineError: a timeout or pool size that is not positive, or TLS
+                files that cannot be loaded (names the files and the reason).
+        """
+        for name, value in (("read_timeout", read_timeout), ("connect_timeout", connect_timeout),
+                            ("max_parallel", max_parallel)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise EngineError("%s must be a positive number, got %r" % (name, value))
+        try:
+            self._ctx = wire.client_context(cert, key, ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise EngineError("cannot load the dispatcher TLS files (cert %s, key %s, ca %s): %s - "
+                              "check the cert, key and ca keys of ctrl-exec.conf"
+                              % (cert, key, ca, getattr(exc, "strerror", None) or exc)) from exc
+        self.read_timeout = float(read_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.max_parallel = int(max_parallel)
+        #: (address, port) -> ssl.SSLSession of the last good exchange.
+        self._sessions: dict = {}
+        #: Counters: handshakes, resumed, session_retry (for bench and tests).
+        self.stats = collections.Counter()
+
+    @classmethod
+    def from_config(cls, cfg) -> "Engine":
+        """Build an engine from a config.Config (cert, key, ca, read_timeout, max_parallel)."""
+        return cls(cert=cfg.cert, key=cfg.key, ca=cfg.ca, read_timeout=cfg.read_timeout,
+                   max_parallel=cfg.max_parallel,
+                   connect_timeout=getattr(cfg, "connect_timeout", CONNECT_TIMEOUT_S))
+
+    def ping_all(self, targets: list, *, reqid: str) -> list:
+        """POST /ping to every target.
+
+        Returns:
+            [{host, status:"ok", version, expiry, staged, reqid, rtt[, reported_hostname]}
+             or {host, status:"error", error, rtt}] in request order.
+        """
+        request = wire.encode_request("POST", "/ping", {"reqid": reqid})
+        return self._fan_out("ping", targets, lambda t: _ping_row(t, self._exchange(t, request), reqid),
+                             reqid=reqid)
+
+    def dispatch_all(self, targets: list, *, script: str, args: list, reqid: str, username: str = "",
+                     token: str = "", timeout: int | None = None, async_: bool = False,
+                     on_event=None) -> list:
+        """POST /run to every target: sync, async (detached) or streamed.
+
+        Args:
+            timeout: seconds; sent to the agent (it kills the run) and widens the
+                answer deadline to max(read_timeout, timeout + 10).
+            async_: submit detached runs (``on_event`` is then not used).
+            on_event: callable(dict) => streaming; called from many greenlets with
+                {"event":"stdout"|"stderr","host","data"} as output arrives and
+                {"event":"exit","host","exit","rtt"[,"error"]} when a host is done.
+        Returns:
+            sync/stream: [{host, script, exit, stdout, stderr, reqid, rtt[, truncated,
+            timed_out, error, reported_hostname]} or {host, script, exit:-1, error, reqid, rtt}];
+            async: [{host, script, status:"accepted"|"busy"|"error", reqid, rtt[, error]}].
+        """
+        body = {"script": script, "args": list(args or []), "reqid": reqid,
+                "username": username or "", "token": token or ""}
+        if async_:
+            body["async"] = True
+        elif on_event is not None:
+            body["stream"] = True
+        if timeout is not None:
+            body["timeout"] = timeout
+        # Encoded once for the whole fleet; the token lives only in these bytes.
+        request = wire.encode_request("POST", "/run", body)
+        limit_s = self.read_timeout if timeout is None else max(self.read_timeout,
+                                                                timeout + STREAM_GRACE_S)
+        if async_:
+            return self._fan_out(
+                "run-async", targets,
+                lambda t: _submit_row(t, self._exchange(t, request, accept=(200, 202, 409)),
+                                      script, reqid),
+                reqid=reqid, script=script)
+        if on_event is None:
+            return self._fan_out(
+                "run", targets,
+                lambda t: _run_row(t, self._exchange(t, request, total_s=limit_s), script, reqid),
+                reqid=reqid, script=script)
+        # Streaming: without a run timeout the answer may take as long as the
+        # script does, so read_timeout bounds the silence between events instead.
+        total_s = None if timeout is None else limit_s
+        return self._fan_out(
+            "run", targets,
+            lambda t: self._stream_one(t, request, script, reqid, on_event, limit_s, total_s),
+            reqid=reqid, script=script, on_row=lambda t, row: on_event(_exit_event(t, row)))
+
+    def capabilities_all(self, targets: list) -> list:
+        """GET /capabilities from every target.
+
+        Returns:
+            [{host, status:"ok", version, tags:{}, scripts:[{name, path, executable}],
+              rtt[, reported_hostname]} or {host, status:"error", error, rtt}].
+        """
+        request = wire.encode_request("GET", "/capabilities")
+        return self._fan_out("capabilities", targets,
+                             lambda t: _capabilities_row(t, self._exchange(t, request)))
+
+    def fetch_results(self, targets: list, *, reqid: str) -> list:
+        """GET /result/<reqid> from every target (detached runs).
+
+        Returns:
+            [{host, status:"running", reqid, rtt} / {host, status:"done", exit, stdout,
+              stderr, reqid, rtt[, truncated, timed_out, error]} / {host, status:"unknown",
+              reqid, rtt} (agent 404) / {host, status:"error", error, rtt}].
+        Raises:
+            EngineError: reqid does not match ^[A-Za-z0-9_-]{1,64}$.
+        """
+        if not isinstance(reqid, str) or not wire.RESULT_REQID_RE.match(reqid):
+            raise EngineError("reqid %r is not valid; ^[A-Za-z0-9_-]{1,64}$ is accepted" % (reqid,))
+        request = wire.encode_request("GET", "/result/" + reqid)
+        return self._fan_out("result", targets,
+                             lambda t: _result_row(t, self._exchange(t, request, accept=(200, 404)),
+                                                   reqid),
+                             reqid=reqid)
+
+    def refresh_async(self, record: dict, registry) -> dict:
+        """Aggregate an async run record: ask hosts still pending for their result.
+
+        Hosts in accepted/running are fetched in parallel (resolved with
+        ``registry.resolve``): done -> {host, status:"done", exit, stdout, stderr, rtt
+        [, truncated, timed_out, error]}; running -> "running"; agent 404 -> "expired";
+        a transport error leaves the row unchanged plus "fetch_error".
+        Returns:
+            a new record with results, pending (request order), complete, and
+            completed (epoch, set once); the input is not modified.
+        """
+        record = dict(record)
+        rows = [dict(row) for row in record.get("results") or []]
+        waiting = [i for i, row in enumerate(rows) if row.get("status") in _PENDING]
+        if waiting:
+            targets = registry.resolve([rows[i]["host"] for i in waiting])
+            fetched = self.fetch_results(targets, reqid=record["reqid"])
+            for i, got in zip(waiting, fetched):
+                rows[i] = _refreshed_row(rows[i], got)
+        record["results"] = rows
+        record["pending"] = [row["host"] for row in rows if row.get("status") in _PENDING]
+        record["complete"] = not record["pending"]
+        if record["complete"] and not record.get("completed"):
+            record["completed"] = int(time.time())
+        return record
+
+    # --- private ---
+
+    def _fan_out(self, action: str, targets: list, one, *, reqid: str = "", script: str = "",
+                 on_row=None) -> list:
+        """Run ``one(target)`` for every target in a bounded pool; rows in request order."""
+        def guarded(target) -> dict:
+            if target.address is None:
+                # Never dialled, never resolved: an unknown name must not reach DNS.
+                row = _failure_row(action, target, "unknown agent '%s' (not paired)" % target.name,
+                                   "0ms", reqid, script)
+            else:
+                try:
+                    row = one(target)
+                except Exception as exc:  # one host's bug must not abort the fleet; logged
+                    wire.log_action("err", "engine-error", ACTION_NAME=action, TARGET=_where(target),
+                                    REQID=reqid or "(none)", ERROR="%s: %s" % (type(exc).__name__, exc))
+                    row = _failure_row(action, target, "internal error talking to the agent",
+                                       "0ms", reqid, script)
+            self._log_row(action, target, row, reqid, script)
+            if on_row is not None:
+                try:
+                    on_row(target, row)
+                except Exception as exc:  # a failing listener must not lose the other rows; logged
+                    wire.log_action("err", "engine-event-error", TARGET=_where(target),
+                                    REQID=reqid or "(none)", ERROR="%s: %s" % (type(exc).__name__, exc))
+            return row
+
+        if not targets:
+            return []
+        pool = gevent.pool.Pool(self.max_parallel)
+        return pool.map(guarded, targets)
+
+    def _exchange(self, target, request: bytes, *, total_s: float | None = None,
+                  idle_s: float | None = None, stream_cb=None, accept: tuple = (200,)):
+        """One connection, one request, one answer; transport failures become ``error``.
+
+        ``total_s`` bounds the whole answer (default read_timeout); ``idle_s`` bounds
+        the silence between NDJSON events. With ``stream_cb``, an NDJSON answer's
+        events go to it and the final exit event is returned as the body.
+        Returns: _Answer(status, body, error, rtt, streamed).
+        """
+        started = time.monotonic()
+        stage = "connect"
+        tls = None
+        if total_s is None and idle_s is None:
+            total_s = self.read_timeout
+        limit_s = total_s if total_s is not None else idle_s
+        try:
+            tls = self._open(target)
+            # TLS 1.3 completes our side of a full handshake before the agent has
+            # checked our certificate; a refusal then shows up while we await the answer.
+            stage = "answer-tls13" if tls.version() == "TLSv1.3" and not tls.session_reused else "answer"
+            now = time.monotonic()
+            end = now + total_s if total_s is not None else None
+            tls.settimeout(limit_s)
+            tls.sendall(request)
+            reader = wire.SocketReader(tls, _sooner(end, now + idle_s if idle_s else None))
+            status, headers = wire.read_response_head(reader)
+            stage = "read"
+            streamed = (stream_cb is not None and status == 200
+                        and headers.get("content-type", "").split(";")[0].strip() == NDJSON_TYPE)
+            if streamed:
+                body = _read_events(reader, stream_cb, end, idle_s)
+            else:
+                body = _decode(_read_body(reader, headers))
+            if status not in accept:
+                raise _HttpStatus(status, body.get("error"))
+            self._keep_session(target, tls)
+        except (OSError, wire.ProtocolError, _HttpStatus, _BadAnswer, _HandshakeFailed,
+                _ConnectTimeout) as exc:
+            return _Answer(None, None, self._transport_error(target, exc, stage, limit_s),
+                           _rtt(started), False)
+        finally:
+            if tls is not None:
+                tls.close()
+        return _Answer(status, body, "", _rtt(started), streamed)
+
+    def _open(self, target):
+        """Connect and handshake within connect_timeout, resuming a cached session."""
+        key = (target.address, target.port or wire.AGENT_PORT)
+        session = self._sessions.get(key)
+        with gevent.Timeout(self.connect_timeout, _ConnectTimeout):
+            try:
+                return self._connect(key, session)
+            except _HandshakeFailed as exc:
+                if session is None or isinstance(exc.cause, TimeoutError):
+                    raise
+                # Some servers refuse resumption (e.g. no session-id context with
+                # client certs); forget the session and do one full handshake.
+                self._sessions.pop(key, None)
+                self.stats["session_retry"] += 1
+                return self._connect(key, None)
+
+    def _connect(self, key: tuple, session):
+        """TCP connect + TLS handshake; handshake failures raise _HandshakeFailed."""
+        sock = socket.create_connection(key, timeout=self.connect_timeout)
+        done = False
+        try:
+            # Sessions only ever come from this context, so wrap_socket accepts them.
+            sock = self._ctx.wrap_socket(sock, do_handshake_on_connect=False, session=session)
+            try:
+                sock.do_handshake()
+            except OSError as exc:  # ssl.SSLError, timeouts and resets are all OSError
+                raise _HandshakeFailed(exc) from exc
+            self.stats["handshakes"] += 1
+            if sock.session_reused:
+                self.stats["resumed"] += 1
+            done = True
+            return sock
+        finally:
+            if not done:
+                sock.close()
+
+    def _keep_session(self, target, tls) -> None:
+        """Remember the TLS session of a good exchange (a TLS 1.3 ticket arrives after the handshake)."""
+        try:
+            session = tls.session
+        except (AttributeError, ValueError, ssl.SSLError):
+            return
+        if session is None or not (session.has_ticket or session.id):
+            return
+        key = (target.address, target.port or wire.AGENT_PORT)
+        if key not in self._sessions and len(self._sessions) >= SESSION_CACHE_MAX:
+            self._sessions.pop(next(iter(self._sessions)))  # oldest entry
+        self._sessions[key] = session
+
+    def _transport_error(self, target, exc: Exception, stage: str, limit_s: float) -> str:
+        """Turn a failure of one exchange into the operator's wording (the one place)."""
+        host = target.address
+        if isinstance(exc, _HttpStatus):
+            if exc.status == 403:
+                return "forbidden: %s" % (exc.error or "forbidden")
+            if exc.status == 413:
+                return "request too large"
+            return "agent answered HTTP %d: %s" % (exc.status, exc.error or "no error text")
+        if isinstance(exc, _BadAnswer):
+            return str(exc)
+        if stage == "answer-tls13" and _closed_abruptly(exc):
+            # An agent that refuses our certificate sends an alert and closes;
+            # our request racing that close turns the alert into a reset or EOF.
+            return "TLS handshake with '%s' failed - certificate or trust mismatch" % host
+        if isinstance(exc, wire.ProtocolError):
+            if exc.error == "no response":
+                return "no response from agent - connection closed before an answer"
+            return "invalid response from agent: %s" % exc.error
+        if isinstance(exc, _ConnectTimeout):
+            return "host '%s' did not respond - connection timed out" % host
+        if isinstance(exc, _HandshakeFailed):
+            cause = exc.cause
+            if isinstance(cause, TimeoutError):
+                return "host '%s' did not respond - connection timed out" % host
+            if isinstance(cause, _CLOSED_DURING_HANDSHAKE):
+                return ("host '%s' closed the connection during the TLS handshake - agent overloaded, "
+                        "rate-limited, or this address not in its allowed_ips" % host)
+            return "TLS handshake with '%s' failed - certificate or trust mismatch" % host
+        if isinstance(exc, socket.gaierror):
+            return "host '%s' did not resolve - check the name or use an IP address" % host
+        if isinstance(exc, ConnectionRefusedError):
+            return ("host '%s' did not respond on port %s - connection refused "
+                    "(agent not running, or wrong port?)" % (host, target.port or wire.AGENT_PORT))
+        if isinstance(exc, TimeoutError):
+            if stage == "connect":
+                return "host '%s' did not respond - connection timed out" % host
+            return "read timeout after %gs" % limit_s
+        if isinstance(exc, ssl.SSLError) and _is_cert_alert(exc):
+            # TLS 1.3: the agent checks our certificate after our side of the
+            # handshake is done, so its refusal arrives as an alert on first read.
+            return "TLS handshake with '%s' failed - certificate or trust mismatch" % host
+        if isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
+            return "host '%s' is unreachable - no route to host or network down" % host
+        if isinstance(exc, OSError) and exc.strerror:
+            return exc.strerror
+        return str(exc) or type(exc).__name__
+
+    def _stream_one(self, target, request: bytes, script: str, reqid: str, on_event,
+                    idle_s: float, total_s: float | None) -> dict:
+        """One streamed run: forward output events, then build the sync-shaped row."""
+        output = {"stdout": [], "stderr": []}
+        size = [0]
+        clipped = [False]
+
+        def forward(event: dict) -> None:
+            kind, data = event.get("event"), event.get("data")
+            if kind not in output or not isinstance(data, str):
+                return  # unknown event kinds: ignored for forward compatibility
+            if size[0] + len(data) > MAX_RESPONSE_BYTES:
+                clipped[0] = True  # a runaway agent: stop keeping (and sending) output
+                return
+            size[0] += len(data)
+            output[kind].append(data)
+            on_event({"event": kind, "host": target.entry, "data": data})
+
+        answer = self._exchange(target, request, total_s=total_s, idle_s=idle_s, stream_cb=forward)
+        if answer.error:
+            row = _run_row(target, answer, script, reqid)
+            for kind in ("stdout", "stderr"):
+                if output[kind]:
+                    row[kind] = "".join(output[kind])
+            return row
+        if not answer.streamed:
+            # An agent without streaming (or a refusal) answers one JSON body.
+            row = _run_row(target, answer, script, reqid)
+            for kind in ("stdout", "stderr"):
+                if row.get(kind):
+                    on_event({"event": kind, "host": target.entry, "data": row[kind]})
+            return row
+        body = dict(answer.body, stdout="".join(output["stdout"]), stderr="".join(output["stderr"]))
+        if clipped[0]:
+            body["truncated"] = True
+        return _run_row(target, answer._replace(body=body), script, reqid)
+
+    def _log_row(self, action: str, target, row: dict, reqid: str, script: str) -> None:
+        """One log line per host per operation; never the token."""
+        fields = {"TARGET": _where(target), "RTT": row.get("rtt", "")}
+        if reqid:
+            fields["REQID"] = reqid
+        if script:
+            fields["SCRIPT"] = script
+        if "exit" in row:
+            fields["EXIT"] = row["exit"]
+        elif action == "ping":
+            fields["RESULT"] = row.get("status")
+        else:
+            fields["STATUS"] = row.get("status")
+        if action == "capabilities" and row.get("status") == "ok":
+            fields["SCRIPTS"] = len(row.get("scripts") or [])
+        failed = row.get("exit") == -1 or row.get("status") == "error"
+        if row.get("error"):
+            fields["ERROR"] = row["error"]
+        wire.log_action("err" if failed else "info", action, **fields)
+
+
+_Answer = collections.namedtuple("_Answer", "status body error rtt streamed")
+
+
+class _HttpStatus(Exception):
+    """An agent answer with an HTTP status this operation does not expect."""
+
+    def __init__(self, status: int, error) -> None:
+        super().__init__(status)
+        self.status = status
+        self.error = error if isinstance(error, str) else ""
+
+
+class _BadAnswer(Exception):
+    """An agent answer that is not the JSON (or NDJSON) we asked for."""
+
+
+class _HandshakeFailed(Exception):
+    """The TLS handshake failed; ``cause`` is the socket/SSL error."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _ConnectTimeout(Exception):
+    """connect_timeout passed during name lookup, connect or handshake (gevent.Timeout)."""
+
+
+def _read_body(reader, headers: dict) -> bytes:
+    """Body by Content-Length, or up to end of stream when absent."""
+    if "content-length" not in headers:
+        return reader.read_all(MAX_RESPONSE_BYTES)
+    raw = headers["content-length"].strip()
+    if not raw.isdigit() or int(raw) > MAX_RESPONSE_BYTES:
+        raise _BadAnswer("invalid response from agent: Content-Length %r" % raw[:20])
+    body = reader.read(int(raw))
+    if len(body) != int(raw):
+        raise _BadAnswer("invalid response from agent: answer cut short")
+    return body
+
+
+def _read_events(reader, stream_cb, end: float | None, idle_s: float | None) -> dict:
+    """Feed NDJSON events to ``stream_cb`` until the exit event, which is returned."""
+    while True:
+        line = reader.readline(MAX_EVENT_LINE_BYTES)
+        if not line:
+            raise _BadAnswer("agent closed the stream before the exit event")
+        if not line.strip():
+            continue
+        event = _decode(line)
+        if event.get("event") == "exit":
+            return event
+        stream_cb(event)
+        if idle_s:
+            reader.deadline = _sooner(end, time.monotonic() + idle_s)
+
+
+def _decode(raw: bytes) -> dict:
+    """Parse one JSON object; anything else is an invalid answer."""
+    try:
+        value = ujson.loads(raw)
+    except (ValueError, UnicodeDecodeError, OverflowError):
+        raise _BadAnswer("invalid JSON response") from None
+    if not isinstance(value, dict):
+        raise _BadAnswer("invalid JSON response")
+    return value
+
+
+def _failure_row(action: str, target, error: str, rtt: str, reqid: str, script: str) -> dict:
+    """The failed-host row in the shape of ``action``."""
+    if action == "run":
+        return {"host": target.entry, "script": script, "exit": -1, "error": error,
+                "reqid": reqid, "rtt": rtt}
+    if action == "run-async":
+        return {"host": target.entry, "script": script, "status": "error", "reqid": reqid,
+                "rtt": rtt, "error": error}
+    return {"host": target.entry, "status": "error", "error": error, "rtt": rtt}
+
+
+def _run_row(target, answer, script: str, reqid: str) -> dict:
+    """Sync run row from an agent answer; exit -1 (a refusal) becomes a failure row."""
+    if answer.error:
+        return _failure_row("run", target, answer.error, answer.rtt, reqid, script)
+    body = answer.body
+    code = body.get("exit")
+    if isinstance(code, bool) or not isinstance(code, int) or code == -1:
+        error = body.get("error") if isinstance(body.get("error"), str) and body.get("error") else \
+            "agent answer has no exit code"
+        return _failure_row("run", target, error, answer.rtt, reqid, script)
+    row = {"host": target.entry, "script": script, "exit": code,
+           "stdout": _text(body.get("stdout")), "stderr": _text(body.get("stderr")),
+           "reqid": reqid, "rtt": answer.rtt}
+    _copy_run_extras(row, body)
+    _note_hostname(row, target, body)
+    return row
+
+
+def _submit_row(target, answer, script: str, reqid: str) -> dict:
+    """Async submit row: 202 accepted, 409 busy, anything else an error."""
+    if answer.error:
+        return _failure_row("run-async", target, answer.error, answer.rtt, reqid, script)
+    row = {"host": target.entry, "script": script, "status": "accepted", "reqid": reqid,
+           "rtt": answer.rtt}
+    if answer.status == 409:
+        row.update(status="busy", error=_text(answer.body.get("error")) or "script already running")
+    elif answer.status != 202:
+        row.update(status="error", error=_text(answer.body.get("error"))
+                   or "agent did not accept the async run (HTTP %d)" % answer.status)
+    return row
+
+
+def _ping_row(target, answer, reqid: str) -> dict:
+    """Ping row."""
+    if not answer.error and answer.body.get("status") != "ok":
+        answer = answer._replace(error=_text(answer.body.get("error")) or "unexpected ping answer")
+    if answer.error:
+        return _failure_row("ping", target, answer.error, answer.rtt, reqid, "")
+    body = answer.body
+    row = {"host": target.entry, "status": "ok", "version": _text(body.get("version")),
+           "expiry": _text(body.get("expiry")), "staged": body.get("staged") is True,
+           "reqid": reqid, "rtt": answer.rtt}
+    _note_hostname(row, target, body)
+    return row
+
+
+def _capabilities_row(target, answer) -> dict:
+    """Capabilities row; ``tags`` is always an object, ``scripts`` always a list."""
+    if not answer.error and answer.body.get("status") != "ok":
+        answer = answer._replace(error=_text(answer.body.get("error"))
+                                 or "unexpected capabilities answer")
+    if answer.error:
+        return _failure_row("capabilities", target, answer.error, answer.rtt, "", "")
+    body = answer.body
+    tags = body.get("tags") if isinstance(body.get("tags"), dict) else {}
+    scripts = body.get("scripts") if isinstance(body.get("scripts"), list) else []
+    row = {"host": target.entry, "status": "ok", "version": _text(body.get("version")),
+           "tags": tags, "scripts": scripts, "rtt": answer.rtt}
+    _note_hostname(row, target, body)
+    return row
+
+
+def _result_row(target, answer, reqid: str) -> dict:
+    """Result-fetch row: running, done (with run fields), unknown (404) or error."""
+    if answer.error:
+        return _failure_row("result", target, answer.error, answer.rtt, reqid, "")
+    body = answer.body
+    if answer.status == 404:
+        return {"host": target.entry, "status": "unknown", "reqid": reqid, "rtt": answer.rtt}
+    status = body.get("status")
+    if status == "running":
+        return {"host": target.entry, "status": "running", "reqid": reqid, "rtt": answer.rtt}
+    if status != "done":
+        return _failure_row("result", target, "unexpected result status %r" % (status,),
+                            answer.rtt, reqid, "")
+    code = body.get("exit")
+    row = {"host": target.entry, "status": "done",
+           "exit": code if isinstance(code, int) and not isinstance(code, bool) else -1,
+           "stdout": _text(body.get("stdout")), "stderr": _text(body.get("stderr")),
+           "reqid": reqid, "rtt": answer.rtt}
+    _copy_run_extras(row, body)
+    return row
+
+
+def _refreshed_row(row: dict, got: dict) -> dict:
+    """Merge one fetched result into an async record row (reference §5.4)."""
+    status = got["status"]
+    if status == "done":
+        done = {key: value for key, value in got.items() if key != "reqid"}
+        done["host"] = row["host"]
+        return done
+    if status == "running":
+        return {key: value for key, value in dict(row, status="running").items() if key != "fetch_error"}
+    if status == "unknown":
+        return {"host": row["host"], "status": "expired"}
+    return dict(row, fetch_error=got.get("error") or "result fetch failed")
+
+
+def _exit_event(target, row: dict) -> dict:
+    """The per-host ``exit`` stream event for a finished row."""
+    event = {"event": "exit", "host": target.entry, "exit": row.get("exit", -1), "rtt": row.get("rtt")}
+    if row.get("error"):
+        event["error"] = row["error"]
+    return event
+
+
+def _copy_run_extras(row: dict, body: dict) -> None:
+    """Copy truncated / timed_out (when true) and a non-empty error."""
+    for flag in _RUN_FLAGS:
+        if body.get(flag) is True:
+            row[flag] = True
+    if isinstance(body.get("error"), str) and body["error"]:
+        row["error"] = body["error"]
+
+
+def _note_hostname(row: dict, target, body: dict) -> None:
+    """Keep the agent's own name when it differs from the registry name."""
+    reported = body.get("host")
+    if isinstance(reported, str) and reported and reported != target.name:
+        row["reported_hostname"] = reported
+
+
+def _closed_abruptly(exc: Exception) -> bool:
+    """True when the peer went away before any answer: a certificate alert, reset or EOF."""
+    if isinstance(exc, wire.ProtocolError):
+        return exc.error == "no response"
+    if isinstance(exc, ssl.SSLError) and _is_cert_alert(exc):
+        return True
+    return isinstance(exc, _CLOSED_DURING_HANDSHAKE)
+
+
+def _is_cert_alert(exc: ssl.SSLError) -> bool:
+    """True for TLS alerts about certificates (unknown CA, bad or missing certificate)."""
+    reason = (getattr(exc, "reason", None) or str(exc)).upper()
+    return "CERTIFICATE" in reason or "UNKNOWN_CA" in reason
+
+
+def _where(target) -> str:
+    """The TARGET log field: registry name and port (address too when it differs)."""
+    if target.address is None:
+        return target.name
+    port = target.port or wire.AGENT_PORT
+    if target.address == target.name:
+        return "%s:%s" % (target.name, port)
+    return "%s:%s(%s)" % (target.name, port, target.address)
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    """The earlier of two optional deadlines."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _rtt(started: float) -> str:
+    """Elapsed time as the wire's "<n>ms" string."""
+    return "%dms" % round((time.monotonic() - started) * 1000)
+
+
+def _text(value) -> str:
+    """A string field of an agent answer, "" when absent or not a string."""
+    return value if isinstance(value, str) else ""
