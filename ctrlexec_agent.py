@@ -416,21 +416,24 @@ def atomic_write(path: str, data: bytes, mode: int) -> None:
         raise
 
 
-_log_state = {"ident": "ctrl-exec", "syslog": False}
+_log_state = {"ident": "ctrl-exec", "syslog": False, "stderr_min": 6}
 _SYSLOG_LEVELS = {"info": 6, "warning": 4, "err": 3}
 
 
-def setup_logging(ident: str) -> None:
+def setup_logging(ident: str, *, stderr_level: str = "info") -> None:
     """Log to syslog (facility daemon) when ``/dev/log`` exists, else stderr.
 
-    ``CTRL_EXEC_LOG=stderr`` forces stderr (tests, foreground debugging).
+    ``CTRL_EXEC_LOG=stderr`` forces stderr (tests, foreground debugging);
+    ``stderr_level`` drops less important lines on stderr (an interactive CLI
+    shows warnings only, so its output stays readable).
     """
     _log_state["ident"] = ident
-    use_syslog = (syslog is not None and os.path.exists("/dev/log")
-                  and os.environ.get("CTRL_EXEC_LOG") != "stderr")
+    forced = os.environ.get("CTRL_EXEC_LOG") == "stderr"
+    use_syslog = syslog is not None and os.path.exists("/dev/log") and not forced
     if use_syslog:
         syslog.openlog(ident, syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_DAEMON)
     _log_state["syslog"] = use_syslog
+    _log_state["stderr_min"] = 6 if forced else _SYSLOG_LEVELS.get(stderr_level, 6)
 
 
 def log_action(level: str, action: str, **fields) -> None:
@@ -439,6 +442,9 @@ def log_action(level: str, action: str, **fields) -> None:
     Secret fields (token, key, …) are dropped here; control characters in
     values are escaped so a value can never forge a second log line.
     """
+    priority = _SYSLOG_LEVELS.get(level, 6)
+    if not _log_state["syslog"] and priority > _log_state["stderr_min"]:
+        return
     parts = ["ACTION=%s" % _log_value(action)]
     for name in sorted(fields, key=str.upper):
         if name.lower() in SECRET_FIELDS:
@@ -446,7 +452,7 @@ def log_action(level: str, action: str, **fields) -> None:
         parts.append("%s=%s" % (name.upper(), _log_value(fields[name])))
     line = " ".join(parts)
     if _log_state["syslog"]:
-        syslog.syslog(_SYSLOG_LEVELS.get(level, 6), line)
+        syslog.syslog(priority, line)
         return
     try:
         sys.stderr.write("%s: %s\n" % (_log_state["ident"], line))

@@ -31,6 +31,7 @@ def _block(marker: str) -> str:
 
 def _port_busy(address: str, port: int) -> bool:
     sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
     try:
         sock.bind((address, port))
         return False
