@@ -66,8 +66,6 @@ WAIT_TIMEOUT_S = 300
 #: How often `wait` re-reads and re-aggregates a run.
 WAIT_POLL_S = 2.0
 TOKEN_ENV = "ENVEXEC_TOKEN"
-#: Async host states still waiting for the agent (reference §5.4).
-PENDING_STATES = ("accepted", "running")
 _TAG_ITEM_RE = re.compile(r"^([^=,\s]+)=([^,]*)$")
 #: Control characters neutralised in human output on a terminal (escape-sequence
 #: injection from remote script output); newline and tab are kept.
@@ -564,14 +562,11 @@ def _cmd_run(ctx: _Context) -> int:
         if progress is not None:
             progress.clear()
     if args.async_:
-        record = _async_bookkeeping({
-            "reqid": reqid, "script": script, "mode": "async", "created": int(time.time()),
-            "hosts": hosts, "results": results, "complete": False, "submitter": submitter})
-        _save(st, record)
+        _save(st, store_mod.async_record(reqid=reqid, script=script, hosts=hosts,
+                                         results=results, submitter=submitter))
         return _print_async_submit(ctx, reqid, results)
-    _save(st, {"reqid": reqid, "script": script, "mode": "sync", "hosts": hosts,
-               "results": results, "completed": int(time.time()), "complete": True,
-               "submitter": submitter})
+    _save(st, store_mod.sync_record(reqid=reqid, script=script, hosts=hosts, results=results,
+                                    submitter=submitter))
     ok = all(_row_ok(row) for row in results)
     wire.log_action("info", "run-done", reqid=reqid, script=script, hosts=len(results),
                     ok=sum(1 for row in results if _row_ok(row)),
@@ -657,7 +652,7 @@ def _cmd_status(ctx: _Context) -> int:
     """status REQID: the stored run, refreshed from the agents when async and pending."""
     record = _refreshed_record(ctx, ctx.args.reqid)
     if ctx.json:
-        _print_json(_status_view(record))
+        _print_json(store_mod.status_view(record))
     else:
         _print_status(record)
     return EXIT_OK
@@ -672,7 +667,7 @@ def _cmd_wait(ctx: _Context) -> int:
         if record.get("complete"):
             ok = all(_row_ok(row) for row in _record_rows(record))
             if ctx.json:
-                _print_json(dict(_status_view(record), ok=ok))
+                _print_json(dict(store_mod.status_view(record), ok=ok))
             else:
                 _print_status(record)
             return EXIT_OK if ok else EXIT_FAILED
@@ -683,7 +678,7 @@ def _cmd_wait(ctx: _Context) -> int:
     message = ("timed out after %ds waiting for reqid %s (still pending: %s)"
                % (ctx.args.timeout, reqid, ", ".join(map(str, record.get("pending") or []))))
     if ctx.json:
-        _print_json(dict(_status_view(record), ok=False, error="timed out", detail=message))
+        _print_json(dict(store_mod.status_view(record), ok=False, error="timed out", detail=message))
     else:
         _print_status(record)
         sys.stderr.write(message + "\n")
@@ -830,23 +825,8 @@ def _refreshed_record(ctx: _Context, reqid: str) -> dict:
     record = _load_record(ctx, reqid)
     if record.get("mode") == "async" and not record.get("complete"):
         engine = ctx.engine()
-        record = _async_bookkeeping(engine.refresh_async(record, ctx.store.registry))
+        record = engine.refresh_async(record, ctx.store.registry)
         _save(ctx.store, record)
-    return record
-
-
-def _async_bookkeeping(record: dict) -> dict:
-    """Recompute pending / complete / completed of an async record from its results."""
-    record = dict(record)
-    results = _record_rows(record)
-    record["results"] = results
-    pending = [row.get("host") for row in results if row.get("status") in PENDING_STATES]
-    record["pending"] = pending
-    record["complete"] = not pending
-    if record["complete"]:
-        record.setdefault("completed", int(time.time()))
-    else:
-        record.pop("completed", None)
     return record
 
 
@@ -864,17 +844,6 @@ def _record_rows(record: dict) -> list:
 def _row_ok(row: dict) -> bool:
     """A host succeeded: it ran and exited 0 (async rows must also be "done")."""
     return row.get("status") in (None, "done") and row.get("exit") == 0
-
-
-def _status_view(record: dict) -> dict:
-    """The --json status body: the record without submitter, hosts as the requested list."""
-    view = {k: v for k, v in record.items() if k != "submitter"}
-    if isinstance(view.get("hosts"), dict):
-        view["hosts"] = list(view["hosts"])
-    if view.get("mode") == "async":
-        view.setdefault("pending", [])
-    view["ok"] = True
-    return view
 
 
 def _cache_tags(registry: Any, name: str, tags: dict) -> None:

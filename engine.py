@@ -32,6 +32,7 @@ import gevent.pool
 import ujson
 
 import ctrlexec_agent as wire
+import store
 
 #: Deadline for TCP connect + TLS handshake, per host.
 CONNECT_TIMEOUT_S = 10.0
@@ -54,7 +55,6 @@ SESSION_CACHE_MAX = 4096
 NDJSON_TYPE = "application/x-ndjson"
 
 #: Host status values of an async record that still wait for the agent.
-_PENDING = ("accepted", "running")
 #: Run fields copied from an agent's answer when present and true.
 _RUN_FLAGS = ("truncated", "timed_out")
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
@@ -215,18 +215,14 @@ class Engine:
         """
         record = dict(record)
         rows = [dict(row) for row in record.get("results") or []]
-        waiting = [i for i, row in enumerate(rows) if row.get("status") in _PENDING]
+        waiting = [i for i, row in enumerate(rows) if row.get("status") in store.PENDING_STATES]
         if waiting:
             targets = registry.resolve([rows[i]["host"] for i in waiting])
             fetched = self.fetch_results(targets, reqid=record["reqid"])
             for i, got in zip(waiting, fetched):
                 rows[i] = _refreshed_row(rows[i], got)
         record["results"] = rows
-        record["pending"] = [row["host"] for row in rows if row.get("status") in _PENDING]
-        record["complete"] = not record["pending"]
-        if record["complete"] and not record.get("completed"):
-            record["completed"] = int(time.time())
-        return record
+        return store.settle_async(record)
 
     # --- private ---
 

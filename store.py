@@ -28,6 +28,10 @@ __all__ = [
     "valid_agent_name",
     "Registry",
     "RunStore",
+    "sync_record",
+    "async_record",
+    "settle_async",
+    "status_view",
     "Locks",
     "HeldLocks",
     "Store",
@@ -49,6 +53,8 @@ import ctrlexec_agent as wire
 # --- constants -------------------------------------------------------------------
 
 RUN_RETENTION_S = 86400
+#: Per-host states of an async run that still wait for the agent.
+PENDING_STATES = ("accepted", "running")
 #: Longest agent name (a DNS name) accepted by the registry.
 MAX_AGENT_NAME_CHARS = 253
 #: Accepted run-store reqids (the API's 16-hex reqids and the agent's wider form).
@@ -282,6 +288,53 @@ class Registry:
         _ensure_dir(self.state_dir, STATE_DIR_MODE)
         _ensure_dir(self.dir, AGENTS_DIR_MODE)
         return _FileLock(os.path.join(self.dir, ".registry.lock"), REGISTRY_LOCK_TIMEOUT_S)
+
+
+def sync_record(*, reqid: str, script: str, hosts: list, results: list, submitter: dict) -> dict:
+    """The stored shape of a finished sync (or streamed) run; no token, no args.
+
+    Returns: {reqid, script, mode:"sync", hosts, results, completed, complete:true, submitter}.
+    """
+    return {"reqid": reqid, "script": script, "mode": "sync", "hosts": list(hosts),
+            "results": results, "completed": int(time.time()), "complete": True,
+            "submitter": submitter}
+
+
+def async_record(*, reqid: str, script: str, hosts: list, results: list, submitter: dict) -> dict:
+    """The stored shape of a submitted async run, with pending/complete settled.
+
+    Returns: {reqid, script, mode:"async", created, hosts, results, pending, complete
+    [, completed], submitter}.
+    """
+    return settle_async({"reqid": reqid, "script": script, "mode": "async",
+                         "created": int(time.time()), "hosts": list(hosts),
+                         "results": results, "submitter": submitter})
+
+
+def settle_async(record: dict) -> dict:
+    """Recompute ``pending`` (request order), ``complete`` and ``completed`` (set once).
+
+    Returns a new dict; the input is not modified.
+    """
+    record = dict(record)
+    rows = [row for row in record.get("results") or [] if isinstance(row, dict)]
+    record["results"] = rows
+    record["pending"] = [row.get("host") for row in rows if row.get("status") in PENDING_STATES]
+    record["complete"] = not record["pending"]
+    if record["complete"]:
+        record.setdefault("completed", int(time.time()))
+    else:
+        record.pop("completed", None)
+    return record
+
+
+def status_view(record: dict) -> dict:
+    """A record as callers see it (/status, CLI status): ``ok`` added, submitter removed."""
+    view = {key: value for key, value in record.items() if key != "submitter"}
+    if view.get("mode") == "async":
+        view.setdefault("pending", [])
+    view["ok"] = True
+    return view
 
 
 class RunStore:
