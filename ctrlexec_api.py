@@ -2,8 +2,9 @@
 
 Owns the JSON API of SPEC §6 (seed `ctrl-exec-api.md`): the `api` gate on every
 request, per-endpoint validation in the SPEC's order, the auth actions run / ping /
-status, lock holding around sync runs, run records, the NDJSON stream, the live
-OpenAPI spec, and the gevent WSGIServer (optional TLS, bounded pool, graceful stop).
+status, lock holding around sync runs, run records, the NDJSON stream and its
+WebSocket twin (GET /ws/run), the live OpenAPI spec, and the gevent WSGIServer
+(optional TLS, bounded pool, WebSocket-capable handler, graceful stop).
 
 Never does: talk to agents itself (engine.py), decide auth (auth.py), touch state
 files directly (store.py), use bottle's request.json, answer with HTML (except
@@ -31,9 +32,12 @@ __all__ = [
 ]
 
 import argparse
+import base64
+import binascii
 import os
 import re
 import signal
+import struct
 import sys
 import threading
 import time
@@ -47,6 +51,7 @@ import gevent.lock
 import gevent.pool
 import gevent.queue
 from gevent import pywsgi
+from geventwebsocket.handler import WebSocketHandler
 import ujson
 
 import auth
@@ -67,6 +72,11 @@ MAX_ARGS = 256
 STATUS_REQID_RE = re.compile(r"[a-f0-9]{8,64}")
 #: Socket timeout for one client read or write (slowloris guard; also bounds TLS handshakes).
 CLIENT_IO_TIMEOUT_S = 30.0
+#: Deadline for the TLS handshake, and again for the request line plus headers (slowloris:
+#: a per-read timeout alone lets a client sending one byte at a time hold a slot forever).
+REQUEST_HEAD_DEADLINE_S = 10.0
+#: Deadline for reading a request body (at most MAX_BODY_BYTES) once the headers are in.
+REQUEST_BODY_DEADLINE_S = 20.0
 #: Extra pool slots above api_max_children so overload gets a 503 instead of waiting in accept().
 POOL_MARGIN = 8
 #: How long a graceful stop waits for in-flight requests before closing them.
@@ -77,6 +87,13 @@ OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi
 LOG_IDENT = "ctrl-exec-api"
 JSON_TYPE = "application/json"
 NDJSON_TYPE = "application/x-ndjson"
+#: environ key of the callable that turns the current request into a WebSocket (see _Handler).
+WS_UPGRADE_KEY = "ctrlexec.ws_upgrade"
+#: How long a closing WebSocket waits for the client's close frame: closing with unread
+#: input makes the kernel send a reset, which can destroy messages the client has not read.
+WS_CLOSE_WAIT_S = 2.0
+#: WebSocket close status "normal closure" (RFC 6455 §7.4.1).
+WS_CLOSE_NORMAL = 1000
 
 HOSTS_DETAIL = "hosts must be a non-empty array of host names"
 SCRIPT_DETAIL = "script name required (letters, digits, '_' and '-' only)"
@@ -87,6 +104,7 @@ ENDPOINTS = (
     ("GET", "/health"),
     ("POST", "/ping"),
     ("POST", "/run"),
+    ("GET", "/ws/run"),
     ("GET", "/discovery"),
     ("POST", "/discovery"),
     ("GET", "/status/{reqid}"),
@@ -162,6 +180,7 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
     app.route("/health", "GET", _endpoint(api.health))
     app.route("/ping", "POST", _endpoint(api.ping))
     app.route("/run", "POST", _endpoint(api.run))
+    app.route("/ws/run", "GET", _endpoint(api.ws_run))
     app.route("/discovery", "GET", _endpoint(api.discovery))
     app.route("/discovery", "POST", _endpoint(api.discovery))
     # A reqid outside STATUS_REQID_RE matches no route: 404 before it can become a path.
@@ -210,7 +229,8 @@ def validate_run(body: Any, *, max_hosts: int) -> dict:
     if args is None:
         args = []
     if (not isinstance(args, list) or len(args) > MAX_ARGS
-            or not all(isinstance(a, str) for a in args)):
+            or not all(_is_text(a) and "\x00" not in a for a in args)):
+        # NUL cannot cross execve; a lone surrogate (JSON "\ud800") cannot be UTF-8 encoded.
         raise BadRequest(ARGS_DETAIL)
     username, token = _validate_credentials(obj)
     flags = {}
@@ -220,6 +240,9 @@ def validate_run(body: Any, *, max_hosts: int) -> dict:
             raise BadRequest("%s must be a boolean" % field)
         flags[field] = value
     timeout = obj.get("timeout")
+    if isinstance(timeout, float) and timeout.is_integer():
+        # JSON Schema's "integer" includes 30.0; the agents get the int.
+        timeout = int(timeout)
     if "timeout" in obj and (isinstance(timeout, bool) or not isinstance(timeout, int)
                              or timeout <= 0):
         raise BadRequest("timeout must be a positive integer")
@@ -285,10 +308,21 @@ def _validate_credentials(obj: dict) -> tuple:
     values = []
     for field in ("username", "token"):
         value = obj.get(field, "")
-        if field in obj and not isinstance(value, str):
+        if field in obj and not _is_text(value):
             raise BadRequest("%s must be a string" % field)
         values.append(value)
     return tuple(values)
+
+
+def _is_text(value: Any) -> bool:
+    """A str that encodes as UTF-8 (JSON allows lone surrogates like "\ud800"; the wire cannot)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 ###############################################################################
@@ -400,28 +434,8 @@ class _Handlers:
 
     def run(self) -> bottle.HTTPResponse:
         """POST /run: sync 200, async 202, stream 200 NDJSON; 409 on a lock conflict."""
-        req = validate_run(_body(), max_hosts=self.cfg.max_hosts)
-        token = req["token"] or _bearer_token()
-        source_ip = _peer()
-        self._authorise("run", script=req["script"], hosts=req["hosts"], args=req["args"],
-                        username=req["username"], token=token)
-        targets = self.store.registry.resolve(req["hosts"])
-        # Locks key on the registry name, so "web-01" and "web-01:7450" conflict;
-        # unregistered names are never dialled and need no lock.
-        names = list(dict.fromkeys(t.name for t in targets if t.address is not None))
-        try:
-            held = self.store.locks.hold(names, req["script"])
-        except store_mod.LockConflict as exc:
-            raise ApiError(409, {"ok": False, "error": "locked", "code": 4,
-                                 "conflicts": list(exc.conflicts)})
-        reqid = wire.new_reqid()
-        submitter = {"username": req["username"], "source_ip": source_ip}
-        mode = "async" if req["async"] else "sync"
-        wire.log_action("info", "dispatch", script=req["script"], hosts=len(req["hosts"]),
-                        reqid=reqid, mode="stream" if req["stream"] else mode,
-                        user=req["username"] or "(none)", peer=source_ip)
-        dispatch = dict(script=req["script"], args=req["args"], reqid=reqid,
-                        username=req["username"], token=token, timeout=req["timeout"])
+        req, targets, held, dispatch, submitter = self._begin_run(_body())
+        reqid = dispatch["reqid"]
         if req["stream"]:
             return self._run_stream(req, targets, held, dispatch, submitter)
         try:
@@ -439,6 +453,44 @@ class _Handlers:
         self._save(_sync_record(reqid, req, results, submitter))
         _log_run_done(reqid, req["script"], results)
         return _json(200, {"ok": True, "reqid": reqid, "results": results})
+
+    def ws_run(self) -> bottle.HTTPResponse:
+        """GET /ws/run: WebSocket; the first message is a run request, then the stream's events.
+
+        The 503 slot and the `api` gate (token from the Authorization header) have run
+        before the upgrade, as for every request. After the 101, every answer is a
+        message: the events of the NDJSON stream one per message, or one error message
+        (the usual error body plus "event":"error" and "status": <HTTP code>); then close.
+        Raises: ApiError 426 when the request is not a valid WebSocket handshake.
+        """
+        upgrade = bottle.request.environ.get(WS_UPGRADE_KEY)
+        problem = _ws_handshake_problem(bottle.request.environ)
+        if upgrade is None or problem:
+            raise ApiError(426, _error_body(
+                "upgrade required", "GET /ws/run is a WebSocket endpoint: %s (send an HTTP/1.1 "
+                "handshake with Upgrade: websocket, Connection: Upgrade, "
+                "Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key of 16 base64 bytes)"
+                % (problem or "this server cannot upgrade the connection")))
+        try:
+            session = _WsSession(upgrade())
+        except OSError:
+            return bottle.HTTPResponse(b"", 101)   # the client left during the handshake
+        try:
+            body = session.receive_request()
+            if body is not _WsSession.GONE:
+                self._ws_stream(session, body)
+        except ApiError as exc:
+            session.send(dict(exc.body, event="error", status=exc.status))
+        except Exception as exc:  # noqa: BLE001 - after the 101 an error is a message, logged
+            wire.log_action("err", "api-error", path=bottle.request.path,
+                            error="%s: %s" % (type(exc).__name__, exc))
+            session.send(dict(_error_body("internal error",
+                                          "unexpected server error; see the server log"),
+                              event="error", status=500))
+        finally:
+            session.close()
+        # Never sent: the connection is the WebSocket's now (_ApiApp drops this answer).
+        return bottle.HTTPResponse(b"", 101)
 
     def status(self, reqid: str) -> bottle.HTTPResponse:
         """GET /status/<reqid>: the stored record (aggregated for async runs), no submitter."""
@@ -468,46 +520,106 @@ class _Handlers:
         if not decision.allowed:
             raise ApiError(403, _denial_body(self.cfg, decision))
 
+    def _begin_run(self, body: Any, *, websocket: bool = False) -> tuple:
+        """Validate a run request, authorise it (action run), take its locks, log it.
+
+        Returns: (req as validate_run, targets, the held locks, dispatch = the keyword
+            arguments of engine.dispatch_all, submitter {"username", "source_ip"}).
+        Raises: BadRequest (400), ApiError 403 (denied) or 409 (locked; nothing held).
+        """
+        req = validate_run(body, max_hosts=self.cfg.max_hosts)
+        if websocket:
+            if req["async"]:
+                raise BadRequest("async is not available on /ws/run (the socket streams the "
+                                 "run; use POST /run with \"async\": true instead)")
+            req["stream"] = True
+        token = req["token"] or _bearer_token()
+        source_ip = _peer()
+        self._authorise("run", script=req["script"], hosts=req["hosts"], args=req["args"],
+                        username=req["username"], token=token)
+        targets = self.store.registry.resolve(req["hosts"])
+        # Locks key on the registry name, so "web-01" and "web-01:7450" conflict;
+        # unregistered names are never dialled and need no lock.
+        names = list(dict.fromkeys(t.name for t in targets if t.address is not None))
+        try:
+            held = self.store.locks.hold(names, req["script"])
+        except store_mod.LockConflict as exc:
+            raise ApiError(409, {"ok": False, "error": "locked", "code": 4,
+                                 "conflicts": list(exc.conflicts)})
+        reqid = wire.new_reqid()
+        submitter = {"username": req["username"], "source_ip": source_ip}
+        mode = "async" if req["async"] else "sync"
+        if req["stream"]:
+            mode = "websocket" if websocket else "stream"
+        wire.log_action("info", "dispatch", script=req["script"], hosts=len(req["hosts"]),
+                        reqid=reqid, mode=mode, user=req["username"] or "(none)",
+                        peer=source_ip)
+        dispatch = dict(script=req["script"], args=req["args"], reqid=reqid,
+                        username=req["username"], token=token, timeout=req["timeout"])
+        return req, targets, held, dispatch, submitter
+
     def _run_stream(self, req: dict, targets: list, held: Any, dispatch: dict,
                     submitter: dict) -> bottle.HTTPResponse:
         """NDJSON: start, engine events (stdout/stderr/exit per host), then done."""
+        feed = self._start_streamed(req, targets, held, dispatch, submitter)
+
+        def lines() -> Iterable[bytes]:
+            try:
+                for event in feed:
+                    yield _json_line(event)
+            finally:
+                # Also reached when the client hung up (the server closes this generator).
+                feed.detach()
+
+        return bottle.HTTPResponse(lines(), 200, {"Content-Type": NDJSON_TYPE,
+                                                  "Cache-Control": "no-cache"})
+
+    def _ws_stream(self, session: "_WsSession", body: Any) -> None:
+        """/ws/run after the first message: the same events as _run_stream, one per message."""
+        req, targets, held, dispatch, submitter = self._begin_run(body, websocket=True)
+        feed = self._start_streamed(req, targets, held, dispatch, submitter)
+        try:
+            for event in feed:
+                if not session.send(event):
+                    break                   # the client left; the run goes on
+        finally:
+            feed.detach()
+
+    def _start_streamed(self, req: dict, targets: list, held: Any, dispatch: dict,
+                        submitter: dict) -> "_RunFeed":
+        """Start a streamed run in its own greenlet; its events come out of the feed.
+
+        Events: {"event":"start","reqid","script","hosts"}, then the engine's
+        stdout / stderr / exit events, then {"event":"done","ok":true,"reqid","results"}
+        (the sync body, flat) or {"event":"error","ok":false,"reqid","error","detail"}.
+        """
         reqid = dispatch["reqid"]
-        events: gevent.queue.Queue = gevent.queue.Queue()
-        end = object()
+        feed = _RunFeed()
+        feed.put({"event": "start", "reqid": reqid, "script": req["script"],
+                  "hosts": req["hosts"]})
 
         def work() -> None:
             # Owns the locks and the record, so a client that hangs up mid-stream still
-            # gets its run stored and its locks released.
+            # gets its run stored and its locks released (both before "done" is sent).
             try:
                 try:
-                    results = self.engine.dispatch_all(targets, on_event=events.put, **dispatch)
+                    results = self.engine.dispatch_all(targets, on_event=feed.put, **dispatch)
                 finally:
                     held.release()
                 self._save(_sync_record(reqid, req, results, submitter))
                 _log_run_done(reqid, req["script"], results)
-                events.put({"event": "done", "ok": True, "reqid": reqid, "results": results})
+                feed.put({"event": "done", "ok": True, "reqid": reqid, "results": results})
             except Exception as exc:  # noqa: BLE001 - reported as an event, logged
                 wire.log_action("err", "run-stream-fail", reqid=reqid,
                                 error=type(exc).__name__)
-                events.put({"event": "error", "ok": False, "reqid": reqid,
-                            "error": "internal error",
-                            "detail": "the run failed on the server; see the server log"})
+                feed.put({"event": "error", "ok": False, "reqid": reqid,
+                          "error": "internal error",
+                          "detail": "the run failed on the server; see the server log"})
             finally:
-                events.put(end)
+                feed.end()
 
-        gevent.spawn(work)
-
-        def lines() -> Iterable[bytes]:
-            yield _json_line({"event": "start", "reqid": reqid, "script": req["script"],
-                              "hosts": req["hosts"]})
-            while True:
-                event = events.get()
-                if event is end:
-                    return
-                yield _json_line(event)
-
-        return bottle.HTTPResponse(lines(), 200, {"Content-Type": NDJSON_TYPE,
-                                                  "Cache-Control": "no-cache"})
+        feed.worker = gevent.spawn(work)
+        return feed
 
     def _save(self, record: dict) -> None:
         """Store a run record; a failed write is logged, never fatal (reference §5.4)."""
@@ -535,6 +647,182 @@ class _Handlers:
 
 
 # --- private ---
+
+
+class _RunFeed:
+    """The events of one streamed run, handed from its worker greenlet to the client's.
+
+    Once the client has gone (detach), events are dropped instead of queued, and the
+    client's greenlet waits for the run to end: the request keeps its api_max_children
+    slot, so hanging up cannot be used to start more runs than the server allows.
+    """
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queue: gevent.queue.Queue = gevent.queue.Queue()
+        self._listening = True
+        #: The greenlet running the dispatch (set by the starter).
+        self.worker: Optional[gevent.Greenlet] = None
+
+    def put(self, event: dict) -> None:
+        """Queue one event for the client (dropped once it has gone)."""
+        if self._listening:
+            self._queue.put(event)
+
+    def end(self) -> None:
+        """No more events."""
+        self._queue.put(self._END)
+
+    def __iter__(self):
+        while True:
+            event = self._queue.get()
+            if event is self._END:
+                return
+            yield event
+
+    def detach(self) -> None:
+        """The client is done with the feed: drop later events, wait for the run to finish."""
+        self._listening = False
+        if self.worker is not None:
+            self.worker.join()
+
+
+class _WsSession:
+    """One /ws/run connection: a bounded first message, deadlined writes, a lingering close.
+
+    gevent-websocket bounds neither a message's size nor any I/O in time. The handler
+    lifts the socket timeout after the 101 (a run may print nothing for hours), so every
+    read and write here has its own gevent deadline, and the first message is cut off at
+    MAX_BODY_BYTES. After it, a reader greenlet answers pings and notices the client
+    leaving; later messages are read and ignored (the total stays within MAX_BODY_BYTES).
+    """
+
+    #: receive_request(): the client left (or stayed silent) before sending its request.
+    GONE = object()
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.gone = False
+        self._budget = MAX_BODY_BYTES
+        self._over = False
+        self._reader: Optional[gevent.Greenlet] = None
+        self._write_lock = gevent.lock.Semaphore()
+        read, write = ws.raw_read, ws.raw_write
+        ws.raw_read = lambda size: self._bounded_read(read, size)
+        ws.raw_write = lambda data: self._serialised_write(write, data)
+
+    def receive_request(self) -> Any:
+        """The client's first message, parsed as parse_body does; GONE if none came.
+
+        Raises: ApiError 413 (over MAX_BODY_BYTES); BadRequest for a text message that
+            is not UTF-8 ("invalid JSON body").
+        """
+        state = {"message": None, "done": False, "bad_text": False}
+        with gevent.Timeout(CLIENT_IO_TIMEOUT_S, False):
+            try:
+                state["message"] = self.ws.read_message()
+            except UnicodeError:
+                state["bad_text"] = True
+            except OSError:                 # WebSocketError, ProtocolError, reset
+                pass
+            state["done"] = True
+        if self._over:
+            raise ApiError(413, _error_body("payload too large",
+                                            "body exceeds %d bytes" % MAX_BODY_BYTES))
+        if state["bad_text"]:
+            raise BadRequest("invalid JSON body")
+        if not state["done"]:
+            return self.GONE                # silent too long: close() says goodbye
+        message = state["message"]
+        if message is None or self.ws.closed:
+            self.gone = True                # closed, reset or broken framing
+            return self.GONE
+        self._reader = gevent.spawn(self._read_rest)
+        raw = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+        return parse_body(raw)
+
+    def send(self, message: dict) -> bool:
+        """Send one JSON text message; False (and stop sending) once the client has gone."""
+        if self.gone or self.ws.closed:
+            self.gone = True
+            return False
+        sent = False
+        with gevent.Timeout(CLIENT_IO_TIMEOUT_S, False):
+            try:
+                self.ws.send(_json_bytes(message).decode("utf-8"))
+                sent = True
+            except OSError:                 # WebSocketError: the socket is dead
+                pass
+        if not sent:
+            self.gone = True
+        return sent
+
+    def close(self) -> None:
+        """Close frame, then read (bounded) until the client closes, so no reset follows."""
+        if not self.ws.closed and not self.gone:   # gone: a write failed or timed out
+            with gevent.Timeout(CLIENT_IO_TIMEOUT_S, False):
+                try:
+                    # gevent-websocket's close() leaves out the status code; send 1000.
+                    self.ws.send_frame(struct.pack("!H", WS_CLOSE_NORMAL), self.ws.OPCODE_CLOSE)
+                except OSError:
+                    pass
+        self.ws.closed = True
+        with gevent.Timeout(WS_CLOSE_WAIT_S, False):
+            if self._reader is not None:
+                self._reader.join()
+            sock = getattr(self.ws.handler, "socket", None)
+            try:
+                while sock is not None and sock.recv(65536):
+                    pass                    # e.g. the rest of a message refused with 413
+            except OSError:
+                pass
+        if self._reader is not None:
+            self._reader.kill(block=True, timeout=1.0)
+
+    def _read_rest(self) -> None:
+        """Reader greenlet: pings get pongs (inside read_message), a close or EOF ends it."""
+        while not self.ws.closed:
+            try:
+                if self.ws.read_message() is None:
+                    break
+            except (OSError, UnicodeError):
+                break
+        if not self._over:
+            self.gone = True
+
+    def _bounded_read(self, read: Callable, size: int) -> bytes:
+        # gevent-websocket reads a frame's payload in one call of the announced size.
+        if size > self._budget:
+            self._over = True
+            raise OSError("WebSocket input over %d bytes" % MAX_BODY_BYTES)
+        self._budget -= size
+        return read(size)
+
+    def _serialised_write(self, write: Callable, data: bytes) -> Any:
+        # The reader's pongs and the events share the socket: one frame at a time.
+        with self._write_lock:
+            return write(data)
+
+
+def _ws_handshake_problem(environ: dict) -> str:
+    """What makes this request no valid WebSocket handshake, or "" when it is one."""
+    if environ.get("REQUEST_METHOD") != "GET" or environ.get("SERVER_PROTOCOL") != "HTTP/1.1":
+        return "the handshake must be an HTTP/1.1 GET request"
+    if (environ.get("HTTP_UPGRADE") or "").strip().lower() != "websocket":
+        return "the Upgrade: websocket header is missing"
+    if "upgrade" not in (environ.get("HTTP_CONNECTION") or "").lower():
+        return "the Connection: Upgrade header is missing"
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") not in WebSocketHandler.SUPPORTED_VERSIONS:
+        return "Sec-WebSocket-Version is missing or unsupported"
+    try:
+        key = base64.b64decode((environ.get("HTTP_SEC_WEBSOCKET_KEY") or "").strip(),
+                               validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 16:
+        return "Sec-WebSocket-Key is missing or not 16 base64-encoded bytes"
+    return ""
 
 
 def _sync_record(reqid: str, req: dict, results: list, submitter: dict) -> dict:
@@ -717,6 +1005,10 @@ class _ApiApp(bottle.Bottle):
         seen = {"status": 0}
 
         def start(status: str, headers: list, exc_info: Any = None) -> Any:
+            if environ.get("wsgi.websocket") is not None:
+                # /ws/run answered 101 itself; the connection belongs to the WebSocket.
+                seen["status"] = 101
+                return lambda data: None
             seen["status"] = int(status.split(" ", 1)[0])
             return start_response(status, headers, exc_info)
 
@@ -780,6 +1072,15 @@ class _TooLarge(Exception):
     """The request body is over MAX_BODY_BYTES."""
 
 
+class _SlowClient(ValueError):
+    """A client did not finish its TLS handshake, request head or body by the deadline."""
+
+
+def _address_ip(address: Any) -> str:
+    """The IP of a (host, port) client address, for log lines."""
+    return str(address[0]) if isinstance(address, tuple) and address else str(address)
+
+
 def _read_body(environ: dict) -> bytes:
     """Read the request body ourselves, never more than MAX_BODY_BYTES + 1 bytes."""
     length_text = (environ.get("CONTENT_LENGTH") or "").strip()
@@ -799,12 +1100,14 @@ def _read_body(environ: dict) -> bytes:
         return b""
     chunks = []
     got = 0
-    while got < limit:
-        chunk = stream.read(min(65536, limit - got))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        got += len(chunk)
+    with gevent.Timeout(REQUEST_BODY_DEADLINE_S, _SlowClient(
+            "request body not received within %gs" % REQUEST_BODY_DEADLINE_S)):
+        while got < limit:
+            chunk = stream.read(min(65536, limit - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
     if got > MAX_BODY_BYTES:
         raise _TooLarge()
     return b"".join(chunks)
@@ -844,11 +1147,47 @@ class _Closing:
 ###############################################################################
 
 
-class _Handler(pywsgi.WSGIHandler):
-    """One request per connection (like the HTTP/1.0 original): frees pool slots."""
+class _Handler(WebSocketHandler):
+    """One request per connection (like the HTTP/1.0 original): frees pool slots.
+
+    A WebSocket handler that never upgrades on its own: gevent-websocket's would upgrade
+    any request asking for it, before the 503 slot and the `api` gate. Here a request is
+    plain WSGI, and only the /ws/run route upgrades, through environ[WS_UPGRADE_KEY].
+    """
+
+    def run_application(self) -> Any:
+        self.environ[WS_UPGRADE_KEY] = self._upgrade
+        return pywsgi.WSGIHandler.run_application(self)
+
+    def _upgrade(self) -> Any:
+        """Send 101 (the route checked the handshake) and return the WebSocket."""
+        self.upgrade_connection()
+        self.write(b"")
+        # A run may stay silent for hours: _WsSession puts a deadline on each read and write.
+        self.socket.settimeout(None)
+        return self.websocket
+
+    def log_request(self) -> None:
+        # gevent-websocket's override logs through the logging module; ACTION=api-request
+        # (written by _ApiApp) is the one request log line.
+        return None
+
+    def read_requestline(self) -> str:
+        self._head_deadline = time.monotonic() + REQUEST_HEAD_DEADLINE_S
+        try:
+            with gevent.Timeout(REQUEST_HEAD_DEADLINE_S, _SlowClient("request line")):
+                return super().read_requestline()
+        except _SlowClient:
+            wire.log_action("warning", "api-slow-client", peer=_address_ip(self.client_address),
+                            stage="request-line", limit=REQUEST_HEAD_DEADLINE_S)
+            return ""           # an empty request line: pywsgi closes the connection
 
     def read_request(self, raw_requestline: str) -> Any:
-        result = super().read_request(raw_requestline)
+        left = max(0.01, getattr(self, "_head_deadline", 0.0) - time.monotonic())
+        # A ValueError is pywsgi's "invalid client request": 400, logged via _ErrorLog.
+        with gevent.Timeout(left, _SlowClient(
+                "request headers not received within %gs" % REQUEST_HEAD_DEADLINE_S)):
+            result = super().read_request(raw_requestline)
         self.close_connection = True
         return result
 
@@ -878,7 +1217,17 @@ class _Server(pywsgi.WSGIServer):
 
     def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
         client_socket.settimeout(CLIENT_IO_TIMEOUT_S)
-        return super().wrap_socket_and_handle(client_socket, address)
+        try:
+            with gevent.Timeout(REQUEST_HEAD_DEADLINE_S, _SlowClient("TLS handshake")):
+                tls = self.wrap_socket(client_socket, **self.ssl_args)
+        except (OSError, ValueError) as exc:    # ssl.SSLError is an OSError
+            # One line instead of a hub traceback: old protocols, plain HTTP, scanners.
+            wire.log_action("warning", "api-tls-failure", peer=_address_ip(address),
+                            reason=getattr(exc, "reason", None) or type(exc).__name__)
+            client_socket.close()
+            return None
+        with tls:
+            return self.handle(tls, address)
 
     def handle(self, sock: Any, address: Any) -> Any:
         sock.settimeout(CLIENT_IO_TIMEOUT_S)
