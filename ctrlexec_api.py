@@ -444,11 +444,9 @@ class _Handlers:
             # Released before the response is built: back-to-back runs never see a 409.
             held.release()
         if req["async"]:
-            record = {"reqid": reqid, "script": req["script"], "mode": "async",
-                      "created": int(time.time()), "hosts": req["hosts"],
-                      "results": results, "complete": False, "submitter": submitter}
-            record = _async_bookkeeping(record)
-            self._save(record)
+            self._save(store_mod.async_record(reqid=reqid, script=req["script"],
+                                              hosts=req["hosts"], results=results,
+                                              submitter=submitter))
             return _json(202, {"ok": True, "async": True, "reqid": reqid, "results": results})
         self._save(_sync_record(reqid, req, results, submitter))
         _log_run_done(reqid, req["script"], results)
@@ -507,9 +505,9 @@ class _Handlers:
         # Authorise before any agent is contacted for aggregation.
         self._authorise("status", reqid=reqid, submitter=submitter, token=_bearer_token())
         if record.get("mode") == "async" and not record.get("complete"):
-            record = _async_bookkeeping(self.engine.refresh_async(record, self.store.registry))
+            record = self.engine.refresh_async(record, self.store.registry)
             self._save(record)
-        return _json(200, _status_view(record))
+        return _json(200, store_mod.status_view(record))
 
     # --- private ---
 
@@ -826,51 +824,9 @@ def _ws_handshake_problem(environ: dict) -> str:
 
 
 def _sync_record(reqid: str, req: dict, results: list, submitter: dict) -> dict:
-    """The stored shape of a finished sync (or streamed) run; no token, no args."""
-    return {"reqid": reqid, "script": req["script"], "mode": "sync", "hosts": req["hosts"],
-            "results": results, "completed": int(time.time()), "complete": True,
-            "submitter": submitter}
-
-
-#: Host states of an async run that are still waiting for the agent.
-_PENDING_STATES = ("accepted", "running")
-
-
-def _async_bookkeeping(record: dict) -> dict:
-    """Recompute pending / complete / completed of an async record from its results."""
-    record = dict(record)
-    results = record.get("results")
-    if not isinstance(results, list):
-        results = _results_from_host_map(record)
-        record["results"] = results
-    pending = [row.get("host") for row in results
-               if isinstance(row, dict) and row.get("status") in _PENDING_STATES]
-    record["pending"] = pending
-    record["complete"] = not pending
-    if record["complete"]:
-        record.setdefault("completed", int(time.time()))
-    else:
-        record.pop("completed", None)
-    return record
-
-
-def _results_from_host_map(record: dict) -> list:
-    """Accept the reference's {host: {status, ...}} map as well (request order kept)."""
-    hosts = record.get("hosts")
-    if isinstance(hosts, dict):
-        return [dict(v, host=k) for k, v in hosts.items() if isinstance(v, dict)]
-    return []
-
-
-def _status_view(record: dict) -> dict:
-    """The /status body: the record without submitter, hosts always the requested list."""
-    view = {k: v for k, v in record.items() if k != "submitter"}
-    if isinstance(view.get("hosts"), dict):
-        view["hosts"] = list(view["hosts"])
-    if view.get("mode") == "async":
-        view.setdefault("pending", [])
-    view["ok"] = True
-    return view
+    """The stored shape of a finished sync (or streamed) run (store.sync_record)."""
+    return store_mod.sync_record(reqid=reqid, script=req["script"], hosts=req["hosts"],
+                                 results=results, submitter=submitter)
 
 
 def _log_run_done(reqid: str, script: str, results: list) -> None:

@@ -49,7 +49,7 @@ def demo(tmp_path):
         pytest.skip("demo ports in use on %s" % ", ".join(busy))
     # README commands run from the repository root: mirror it (symlinks) in tmp_path.
     for name in os.listdir(ROOT):
-        if name.endswith(".py") or name == "openapi.json":
+        if name.endswith(".py") or name in ("openapi.json", "examples"):
             os.symlink(os.path.join(ROOT, name), str(tmp_path / name))
     log = open(tmp_path / "demo.log", "wb")
     proc = subprocess.Popen([sys.executable, "ctrlexec_api.py", "--demo"],
@@ -97,6 +97,7 @@ def test_readme_curl_tour_works_against_the_demo(demo):
     assert '"mode":"async"' in out
     assert "['disk-usage', 'fail', 'hello', 'sleep']" in out
     assert "<rapi-doc" in out
+    assert "demo-1: demo-1: 1/1 seconds" in out  # the WebSocket client's live lines
 
 
 def test_readme_cli_tour_works_against_the_demo(demo):
