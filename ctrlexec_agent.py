@@ -482,10 +482,21 @@ def run_auth_hook(path: str | None, *, timeout_s: float, action: str, context: d
     env.update(extra_env or {})
     if not path or not os.path.isfile(path) or not os.access(path, os.X_OK):
         return HookResult(False, 1, "denied", "auth hook is missing or not executable")
+    oversized = [name for name, value in env.items()
+                 if len(name) + len(value.encode("utf-8", "surrogateescape")) + 2 > HOOK_ENV_STRING_MAX]
+    if oversized:
+        # The kernel refuses an environment string over 128 KiB.  Leaving the
+        # variable out would let a hook that reads it see no arguments and
+        # allow, so this fails closed and says why.
+        return HookResult(False, 1, "denied", "request too large for the auth hook environment "
+                          "(%s over 128 KiB); send smaller arguments" % ", ".join(sorted(oversized)))
     try:
         proc = subprocess.Popen([path], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env, close_fds=True,
                                 start_new_session=True, cwd="/")
+    except ValueError:
+        return HookResult(False, 1, "denied", "request fields contain NUL bytes, which the auth "
+                          "hook environment cannot carry")
     except OSError:
         return HookResult(False, 1, "denied", "auth hook is missing or not executable")
     # stdin is fed from a helper thread and the deadline is applied with
@@ -512,6 +523,8 @@ def run_auth_hook(path: str | None, *, timeout_s: float, action: str, context: d
 
 
 _HOOK_REASONS = {1: "denied", 2: "bad credentials", 3: "insufficient privilege"}
+#: Longest ``NAME=value`` environment string the kernel accepts (MAX_ARG_STRLEN).
+HOOK_ENV_STRING_MAX = 131072
 
 
 def _feed_stdin(pipe, data: bytes) -> None:
@@ -938,8 +951,9 @@ def run_script(path: str, args: list, context: dict, *, timeout_s: float = 0,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=script_env(), close_fds=True, start_new_session=True,
                                 cwd="/")
-    except OSError as exc:
-        return RunResult(127, "", "", False, False, "cannot execute script: %s" % exc.strerror)
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return RunResult(127, "", "", False, False, "cannot execute script: %s" % reason)
     capture = _Capture(proc, max_output, on_output)
     capture.pump(json_bytes(context) + b"\n", timeout_s, stdin_timeout)
     code = proc.returncode
@@ -1540,6 +1554,10 @@ class AgentServer:
             return
         if not all(isinstance(arg, str) for arg in args):
             self._send(tls, 200, dict(refuse, error="args must be an array of strings"))
+            return
+        if any("\x00" in arg for arg in args):
+            self._send(tls, 200, dict(refuse, error="args must not contain NUL characters "
+                                                    "(execve cannot pass them)"))
             return
         path = state.allowlist.get(script) if SCRIPT_NAME_RE.match(script) else None
         if path is None or (self.cfg.script_dirs and not _inside_dirs(path, self.cfg.script_dirs)):

@@ -34,6 +34,7 @@ __all__ = [
 import argparse
 import base64
 import binascii
+import http.client
 import os
 import re
 import signal
@@ -77,6 +78,10 @@ CLIENT_IO_TIMEOUT_S = 30.0
 REQUEST_HEAD_DEADLINE_S = 10.0
 #: Deadline for reading a request body (at most MAX_BODY_BYTES) once the headers are in.
 REQUEST_BODY_DEADLINE_S = 20.0
+#: After the answer, unread body bytes are drained (so the close does not reset the answer)
+#: for at most this long and this much; then the connection is closed regardless.
+DRAIN_DEADLINE_S = 2.0
+DRAIN_MAX_BYTES = 4 * MAX_BODY_BYTES
 #: Extra pool slots above api_max_children so overload gets a 503 instead of waiting in accept().
 POOL_MARGIN = 8
 #: How long a graceful stop waits for in-flight requests before closing them.
@@ -438,6 +443,8 @@ class _Handlers:
         reqid = dispatch["reqid"]
         if req["stream"]:
             return self._run_stream(req, targets, held, dispatch, submitter)
+        if req["async"]:
+            self._track_async(req, reqid, held, submitter)
         try:
             results = self.engine.dispatch_all(targets, async_=req["async"], **dispatch)
         finally:
@@ -618,6 +625,26 @@ class _Handlers:
 
         feed.worker = gevent.spawn(work)
         return feed
+
+    def _track_async(self, req: dict, reqid: str, held: Any, submitter: dict) -> None:
+        """Store an async run's record before anything is dispatched.
+
+        Its results exist only on the agents until /status fetches them, so a run
+        store that cannot be written must stop the run here: 500, nothing dispatched.
+        Hosts start as "accepted"; one never reached reads "expired" on /status.
+        """
+        rows = [{"host": host, "script": req["script"], "status": "accepted", "reqid": reqid}
+                for host in req["hosts"]]
+        try:
+            self.store.runs.save(store_mod.async_record(reqid=reqid, script=req["script"],
+                                                        hosts=req["hosts"], results=rows,
+                                                        submitter=submitter))
+        except store_mod.StoreError as exc:
+            held.release()
+            wire.log_action("err", "run-store-fail", reqid=reqid, error=str(exc))
+            raise ApiError(500, _error_body(
+                "internal error", "the run store cannot be written, so this async run could "
+                "not be tracked; nothing was dispatched (check state_dir permissions)"))
 
     def _save(self, record: dict) -> None:
         """Store a run record; a failed write is logged, never fatal (reference §5.4)."""
@@ -1028,8 +1055,10 @@ class _TooLarge(Exception):
     """The request body is over MAX_BODY_BYTES."""
 
 
-class _SlowClient(ValueError):
-    """A client did not finish its TLS handshake, request head or body by the deadline."""
+class _ClientFault(ValueError):
+    """A client's request cannot be read: too slow (TLS handshake, head or body past its
+    deadline) or a head pywsgi cannot parse. A ValueError is pywsgi's "invalid client
+    request": a 400 and one _ErrorLog line, never a traceback."""
 
 
 def _address_ip(address: Any) -> str:
@@ -1056,7 +1085,7 @@ def _read_body(environ: dict) -> bytes:
         return b""
     chunks = []
     got = 0
-    with gevent.Timeout(REQUEST_BODY_DEADLINE_S, _SlowClient(
+    with gevent.Timeout(REQUEST_BODY_DEADLINE_S, _ClientFault(
             "request body not received within %gs" % REQUEST_BODY_DEADLINE_S)):
         while got < limit:
             chunk = stream.read(min(65536, limit - got))
@@ -1067,6 +1096,20 @@ def _read_body(environ: dict) -> bytes:
     if got > MAX_BODY_BYTES:
         raise _TooLarge()
     return b"".join(chunks)
+
+
+def _raw_error_response(status: int) -> bytes:
+    """A whole HTTP response (head + JSON body) for a request that never reached the app."""
+    if status == 414:
+        body = _error_body("request line too long",
+                           "the request line exceeds %d bytes" % pywsgi.MAX_REQUEST_LINE)
+    else:
+        body = _error_body("bad request", "the request could not be parsed")
+    data = _json_bytes(body)
+    head = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            "Connection: close\r\n\r\n" % (status, bottle.HTTP_CODES.get(status, ""),
+                                            JSON_TYPE, len(data)))
+    return head.encode("latin-1") + data
 
 
 def _plain_response(start: Callable, status: int, body: dict) -> list:
@@ -1113,7 +1156,36 @@ class _Handler(WebSocketHandler):
 
     def run_application(self) -> Any:
         self.environ[WS_UPGRADE_KEY] = self._upgrade
-        return pywsgi.WSGIHandler.run_application(self)
+        try:
+            return pywsgi.WSGIHandler.run_application(self)
+        finally:
+            self._drain_input()
+
+    def _drain_input(self) -> None:
+        """Read what is left of the request body, bounded in bytes and time.
+
+        The connection closes after this answer; closing with unread input resets it and
+        can destroy the answer, so pywsgi drains the body first - at the client's pace and
+        up to any declared length. A client sending one byte a second, or an endless body
+        after a 413, would hold a pool slot that long; here the drain is capped instead.
+        """
+        stream = self.wsgi_input
+        if stream is None:
+            return
+        left = DRAIN_MAX_BYTES
+        # As pywsgi's own discard: never invite a body (100 Continue) only to drop it.
+        stream.send_100_continue_enabled = False
+        try:
+            with gevent.Timeout(DRAIN_DEADLINE_S, False):
+                while left > 0:
+                    chunk = stream.read(min(65536, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+        except (OSError, ValueError):
+            pass                # a broken or malformed body: closing is all that is left
+        # pywsgi's own "the socket closes anyway, skip the discard" flag.
+        stream._chunked_input_error = True
 
     def _upgrade(self) -> Any:
         """Send 101 (the route checked the handshake) and return the WebSocket."""
@@ -1128,12 +1200,20 @@ class _Handler(WebSocketHandler):
         # (written by _ApiApp) is the one request log line.
         return None
 
+    def handle_one_request(self) -> Any:
+        result = super().handle_one_request()
+        if isinstance(result, tuple):
+            # pywsgi's own answer to an unparseable request (400, 414) is an empty text
+            # body; SPEC §6 wants JSON for every response.
+            result = (result[0], _raw_error_response(int(result[0])))
+        return result
+
     def read_requestline(self) -> str:
         self._head_deadline = time.monotonic() + REQUEST_HEAD_DEADLINE_S
         try:
-            with gevent.Timeout(REQUEST_HEAD_DEADLINE_S, _SlowClient("request line")):
+            with gevent.Timeout(REQUEST_HEAD_DEADLINE_S, _ClientFault("request line")):
                 return super().read_requestline()
-        except _SlowClient:
+        except _ClientFault:
             wire.log_action("warning", "api-slow-client", peer=_address_ip(self.client_address),
                             stage="request-line", limit=REQUEST_HEAD_DEADLINE_S)
             return ""           # an empty request line: pywsgi closes the connection
@@ -1141,9 +1221,12 @@ class _Handler(WebSocketHandler):
     def read_request(self, raw_requestline: str) -> Any:
         left = max(0.01, getattr(self, "_head_deadline", 0.0) - time.monotonic())
         # A ValueError is pywsgi's "invalid client request": 400, logged via _ErrorLog.
-        with gevent.Timeout(left, _SlowClient(
+        with gevent.Timeout(left, _ClientFault(
                 "request headers not received within %gs" % REQUEST_HEAD_DEADLINE_S)):
-            result = super().read_request(raw_requestline)
+            try:
+                result = super().read_request(raw_requestline)
+            except http.client.HTTPException as exc:    # e.g. "got more than 100 headers"
+                raise _ClientFault(str(exc)) from None
         self.close_connection = True
         return result
 
@@ -1174,7 +1257,7 @@ class _Server(pywsgi.WSGIServer):
     def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
         client_socket.settimeout(CLIENT_IO_TIMEOUT_S)
         try:
-            with gevent.Timeout(REQUEST_HEAD_DEADLINE_S, _SlowClient("TLS handshake")):
+            with gevent.Timeout(REQUEST_HEAD_DEADLINE_S, _ClientFault("TLS handshake")):
                 tls = self.wrap_socket(client_socket, **self.ssl_args)
         except (OSError, ValueError) as exc:    # ssl.SSLError is an OSError
             # One line instead of a hub traceback: old protocols, plain HTTP, scanners.

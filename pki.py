@@ -1214,7 +1214,7 @@ def _parse_pair_request(request, source_ip: str) -> tuple:
         return reject("invalid request", "expected POST /pair")
     try:
         body = json.loads(request.body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
         return reject("invalid request", "body is not JSON")
     if not isinstance(body, dict) or not isinstance(body.get("csr"), str) \
             or not isinstance(body.get("hostname"), str):
