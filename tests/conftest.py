@@ -4,9 +4,17 @@ gevent is patched here first, as in the entry points, because the API and
 the engine under test are gevent code.
 """
 
+import warnings
+
 from gevent import monkey
 
-monkey.patch_all()
+# pytest loads its plugins (schemathesis brings requests/urllib3, anyio) before this
+# file, so ssl is already imported; only those libraries keep the unpatched ssl
+# names, and none of ctrl-exec's code is among them.  Patch, and say so once here
+# rather than in every run's summary.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Monkey-patching ssl after ssl has already been imported")
+    monkey.patch_all()
 
 import os  # noqa: E402
 import sys  # noqa: E402
