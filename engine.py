@@ -291,7 +291,8 @@ class Engine:
                 body = _decode(_read_body(reader, headers))
             if status not in accept:
                 raise _HttpStatus(status, body.get("error"))
-            self._keep_session(target, tls)
+            if not tls.session_reused:  # a resumed ticket stays valid; re-reading it costs ~0.3 ms
+                self._keep_session(target, tls)
         except (OSError, wire.ProtocolError, _HttpStatus, _BadAnswer, _HandshakeFailed,
                 _ConnectTimeout) as exc:
             return _Answer(None, None, self._transport_error(target, exc, stage, limit_s),
@@ -319,7 +320,7 @@ class Engine:
 
     def _connect(self, key: tuple, session):
         """TCP connect + TLS handshake; handshake failures raise _HandshakeFailed."""
-        sock = socket.create_connection(key, timeout=self.connect_timeout)
+        sock = _dial(key, self.connect_timeout)
         done = False
         try:
             # Sessions only ever come from this context, so wrap_socket accepts them.
@@ -482,6 +483,27 @@ class _HandshakeFailed(Exception):
 
 class _ConnectTimeout(Exception):
     """connect_timeout passed during name lookup, connect or handshake (gevent.Timeout)."""
+
+
+def _dial(key: tuple, timeout: float) -> socket.socket:
+    """TCP connect; an IP literal skips the resolver (gevent sends getaddrinfo to a thread pool)."""
+    address, port = key
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, address)
+        except (OSError, ValueError):
+            continue
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        connected = False
+        try:
+            sock.settimeout(timeout)
+            sock.connect((address, port))
+            connected = True
+            return sock
+        finally:
+            if not connected:
+                sock.close()  # the error (or a gevent Timeout) propagates unchanged
+    return socket.create_connection(key, timeout=timeout)
 
 
 def _read_body(reader, headers: dict) -> bytes:
