@@ -636,9 +636,9 @@ class _Handlers:
         rows = [{"host": host, "script": req["script"], "status": "accepted", "reqid": reqid}
                 for host in req["hosts"]]
         try:
-            self.store.runs.save(store_mod.async_record(reqid=reqid, script=req["script"],
-                                                        hosts=req["hosts"], results=rows,
-                                                        submitter=submitter))
+            _off_hub(self.store.runs.save, store_mod.async_record(
+                reqid=reqid, script=req["script"], hosts=req["hosts"], results=rows,
+                submitter=submitter))
         except store_mod.StoreError as exc:
             held.release()
             wire.log_action("err", "run-store-fail", reqid=reqid, error=str(exc))
@@ -649,7 +649,7 @@ class _Handlers:
     def _save(self, record: dict) -> None:
         """Store a run record; a failed write is logged, never fatal (reference §5.4)."""
         try:
-            self.store.runs.save(record)
+            _off_hub(self.store.runs.save, record)
         except store_mod.StoreError as exc:
             wire.log_action("err", "run-store-fail", reqid=record.get("reqid", ""),
                             error=str(exc))
@@ -848,6 +848,15 @@ def _ws_handshake_problem(environ: dict) -> str:
     if len(key) != 16:
         return "Sec-WebSocket-Key is missing or not 16 base64-encoded bytes"
     return ""
+
+
+def _off_hub(func: Callable, *args: Any) -> Any:
+    """Run blocking file I/O (a durable write: fsync) in gevent's thread pool.
+
+    File I/O is not cooperative; done on the hub, each fsync would stall every
+    request in flight for its duration.
+    """
+    return gevent.get_hub().threadpool.apply(func, args)
 
 
 def _sync_record(reqid: str, req: dict, results: list, submitter: dict) -> dict:
