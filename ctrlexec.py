@@ -619,16 +619,7 @@ def _cmd_discovery(ctx: _Context) -> int:
         return EXIT_OK
     engine = ctx.engine()
     targets = registry.resolve(entries)
-    rows = engine.capabilities_all(targets)
-    out = {}
-    for target, row in zip(targets, rows):
-        row = dict(row)
-        if row.get("status") == "ok":
-            tags = row.get("tags")
-            row["tags"] = dict(tags) if isinstance(tags, dict) else {}
-            if target.address is not None:
-                _cache_tags(registry, target.name, row["tags"])
-        out[target.name] = row
+    out = engine.discovery_all(targets, registry)
     ok = all(row.get("status") == "ok" for row in out.values())
     if ctx.json:
         _print_json({"ok": ok, "hosts": out})
@@ -844,17 +835,6 @@ def _record_rows(record: dict) -> list:
 def _row_ok(row: dict) -> bool:
     """A host succeeded: it ran and exited 0 (async rows must also be "done")."""
     return row.get("status") in (None, "done") and row.get("exit") == 0
-
-
-def _cache_tags(registry: Any, name: str, tags: dict) -> None:
-    """Keep the registry's cached tags in step with what the agent reported."""
-    try:
-        record = registry.get(name)
-        if record is not None and record.get("tags") != tags:
-            registry.update(name, tags=tags)
-    except store_mod.StoreError as exc:
-        wire.log_action("warning", "registry-tags-fail", agent=name, error=str(exc))
-        sys.stderr.write("warning: tags of %s not recorded: %s\n" % (name, exc))
 
 
 # --- helpers: output ---

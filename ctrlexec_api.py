@@ -425,17 +425,8 @@ class _Handlers:
         if not entries:
             return _json(200, {"ok": True, "hosts": {}})
         targets = self.store.registry.resolve(entries)
-        rows = self.engine.capabilities_all(targets)
-        out = {}
-        for target, row in zip(targets, rows):
-            row = dict(row)
-            if row.get("status") == "ok":
-                tags = row.get("tags")
-                row["tags"] = dict(tags) if isinstance(tags, dict) else {}
-                if target.address is not None:
-                    self._cache_tags(target.name, row["tags"])
-            out[target.name] = row
-        return _json(200, {"ok": True, "hosts": out})
+        return _json(200, {"ok": True,
+                           "hosts": self.engine.discovery_all(targets, self.store.registry)})
 
     def run(self) -> bottle.HTTPResponse:
         """POST /run: sync 200, async 202, stream 200 NDJSON; 409 on a lock conflict."""
@@ -661,14 +652,6 @@ class _Handlers:
         except store_mod.StoreError as exc:
             wire.log_action("err", "run-store-fail", error=str(exc))
 
-    def _cache_tags(self, name: str, tags: dict) -> None:
-        """Keep the registry's tags in step with what the agent reported."""
-        try:
-            record = self.store.registry.get(name)
-            if record is not None and record.get("tags") != tags:
-                self.store.registry.update(name, tags=tags)
-        except store_mod.StoreError as exc:
-            wire.log_action("warning", "registry-tags-fail", agent=name, error=str(exc))
 
 
 # --- private ---

@@ -184,6 +184,20 @@ class Engine:
         return self._fan_out("capabilities", targets,
                              lambda t: _capabilities_row(t, self._exchange(t, request)))
 
+    def discovery_all(self, targets: list, registry) -> dict:
+        """Capabilities of every target keyed by registry name; tags cached in the registry.
+
+        Returns:
+            {name: capabilities row (``tags`` always an object)}; a tag set that
+            changed is written back with ``registry.update`` (failures are logged).
+        """
+        found = {}
+        for target, row in zip(targets, self.capabilities_all(targets)):
+            if row.get("status") == "ok" and target.address is not None:
+                _cache_tags(registry, target.name, row["tags"])
+            found[target.name] = row
+        return found
+
     def fetch_results(self, targets: list, *, reqid: str) -> list:
         """GET /result/<reqid> from every target (detached runs).
 
@@ -504,6 +518,16 @@ def _dial(key: tuple, timeout: float) -> socket.socket:
             if not connected:
                 sock.close()  # the error (or a gevent Timeout) propagates unchanged
     return socket.create_connection(key, timeout=timeout)
+
+
+def _cache_tags(registry, name: str, tags: dict) -> None:
+    """Keep the registry's cached tags in step with what the agent reported."""
+    try:
+        record = registry.get(name)
+        if record is not None and record.get("tags") != tags:
+            registry.update(name, tags=tags)
+    except store.StoreError as exc:
+        wire.log_action("warning", "registry-tags-fail", agent=name, error=str(exc))
 
 
 def _read_body(reader, headers: dict) -> bytes:
