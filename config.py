@@ -118,6 +118,7 @@ class Config:
     api_key: str | None = None
     api_max_children: int = 64
     read_timeout: float = 60.0              #: seconds per agent exchange (alias key `timeout`)
+    connect_timeout: float = 10.0           #: seconds for TCP connect + TLS handshake to an agent
     max_parallel: int = 64
     max_hosts: int = 500
     cert_days: int = 365
@@ -382,6 +383,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "api_key": _path,
     "api_max_children": _int(1, 100000),
     "read_timeout": _seconds(86400),
+    "connect_timeout": _seconds(3600),
     "max_parallel": _int(1, 100000),
     "max_hosts": _int(1, 100000),
     "cert_days": _int(1, 36500),

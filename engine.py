@@ -109,10 +109,10 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg) -> "Engine":
-        """Build an engine from a config.Config (cert, key, ca, read_timeout, max_parallel)."""
+        """Build an engine from a config.Config (cert, key, ca, read_timeout, max_parallel,
+        connect_timeout)."""
         return cls(cert=cfg.cert, key=cfg.key, ca=cfg.ca, read_timeout=cfg.read_timeout,
-                   max_parallel=cfg.max_parallel,
-                   connect_timeout=getattr(cfg, "connect_timeout", CONNECT_TIMEOUT_S))
+                   max_parallel=cfg.max_parallel, connect_timeout=cfg.connect_timeout)
 
     def ping_all(self, targets: list, *, reqid: str) -> list:
         """POST /ping to every target.
