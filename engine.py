@@ -573,8 +573,9 @@ def _decode(raw: bytes) -> dict:
 def _failure_row(action: str, target, error: str, rtt: str, reqid: str, script: str) -> dict:
     """The failed-host row in the shape of ``action``."""
     if action == "run":
-        return {"host": target.entry, "script": script, "exit": -1, "error": error,
-                "reqid": reqid, "rtt": rtt}
+        # stdout/stderr are always present (empty) so every run row has one shape (SPEC §6).
+        return {"host": target.entry, "script": script, "exit": -1, "stdout": "", "stderr": "",
+                "error": error, "reqid": reqid, "rtt": rtt}
     if action == "run-async":
         return {"host": target.entry, "script": script, "status": "error", "reqid": reqid,
                 "rtt": rtt, "error": error}

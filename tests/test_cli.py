@@ -337,7 +337,7 @@ def test_run_reports_down_unregistered_and_slow_hosts_inline(fleet):
     assert rows["good-01"]["exit"] == 0 and rows["good-01"]["stdout"] == "probe x\n"
     assert rows["good-02"]["exit"] == 0
     assert rows["down-01"]["exit"] == -1 and "connection refused" in rows["down-01"]["error"]
-    assert rows["ghost-01"] == {"host": "ghost-01", "script": "probe", "exit": -1,
+    assert rows["ghost-01"] == {"host": "ghost-01", "script": "probe", "exit": -1, "stdout": "", "stderr": "",
                                 "error": "unknown agent 'ghost-01' (not paired)",
                                 "reqid": data["reqid"], "rtt": "0ms"}
     assert rows["slow-01"]["exit"] == -1 and rows["slow-01"]["error"] == "read timeout after 2s"

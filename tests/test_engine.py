@@ -73,10 +73,10 @@ def test_each_host_failure_is_inline_and_request_order_is_kept(fleet):
     rows = eng.dispatch_all(fleet.registry.resolve(entries), script="hello", args=[], reqid=REQID)
     assert without_rtt(rows) == [
         {"host": "ok-2", "script": "hello", "exit": 0, "stdout": "hi\n", "stderr": "", "reqid": REQID},
-        {"host": "down-1", "script": "hello", "exit": -1, "error": refused(down), "reqid": REQID},
-        {"host": "ghost", "script": "hello", "exit": -1, "error": "unknown agent 'ghost' (not paired)",
+        {"host": "down-1", "script": "hello", "exit": -1, "stdout": "", "stderr": "", "error": refused(down), "reqid": REQID},
+        {"host": "ghost", "script": "hello", "exit": -1, "stdout": "", "stderr": "", "error": "unknown agent 'ghost' (not paired)",
          "reqid": REQID},
-        {"host": "slow-1", "script": "hello", "exit": -1, "error": "read timeout after 2s",
+        {"host": "slow-1", "script": "hello", "exit": -1, "stdout": "", "stderr": "", "error": "read timeout after 2s",
          "reqid": REQID},
         {"host": "ok-1", "script": "hello", "exit": 0, "stdout": "hi\n", "stderr": "", "reqid": REQID},
     ]
@@ -160,7 +160,7 @@ def test_agent_refusal_is_a_failed_row_with_the_agents_error(fleet):
     fleet.add_agent("strict", scripts={"hello": HELLO})
     rows = make_engine(fleet).dispatch_all(fleet.registry.resolve(["strict"]), script="nope",
                                            args=["a"], reqid=REQID)
-    assert without_rtt(rows) == [{"host": "strict", "script": "nope", "exit": -1,
+    assert without_rtt(rows) == [{"host": "strict", "script": "nope", "exit": -1, "stdout": "", "stderr": "",
                                   "error": "script not permitted", "reqid": REQID}]
 
 
@@ -412,7 +412,7 @@ def test_streamed_events_arrive_in_order_per_host_with_fallback_for_plain_agents
     expected = {"script": "talk", "exit": 0, "stdout": "one\ntwo\n", "stderr": "warn\n", "reqid": REQID}
     assert without_rtt(rows) == [
         dict(expected, host="live-1"), dict(expected, host="plain"),
-        {"host": "ghost", "script": "talk", "exit": -1, "error": "unknown agent 'ghost' (not paired)",
+        {"host": "ghost", "script": "talk", "exit": -1, "stdout": "", "stderr": "", "error": "unknown agent 'ghost' (not paired)",
          "reqid": REQID},
         dict(expected, host="live-2"),
     ]
