@@ -24,7 +24,7 @@ import pytest
 
 import pki
 from fleet import Fleet
-from test_reliability_support import WAIT_S, ApiProc, Background, wait_for
+from reliability_support import WAIT_S, ApiProc, Background, wait_for
 
 #: Seconds the API waits for an agent's answer in the hang tests (read_timeout).
 SHORT_READ_TIMEOUT_S = 3

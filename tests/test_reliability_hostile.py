@@ -28,7 +28,7 @@ import ctrlexec_agent as wire
 import ctrlexec_api
 import pki
 from fleet import Fleet
-from test_reliability_support import ApiProc, Background, PairingProc, raw_exchange
+from reliability_support import ApiProc, Background, PairingProc, raw_exchange
 
 #: The agent's whole-request deadline in this module (agent.conf request_timeout).
 AGENT_REQUEST_TIMEOUT_S = 3

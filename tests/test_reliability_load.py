@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from test_reliability_support import ApiProc, build_fleet
+from reliability_support import ApiProc, build_fleet
 
 SCALE = float(os.environ.get("CTRL_EXEC_LOAD_SCALE", "1"))
 CLIENTS = max(2, int(50 * SCALE))

@@ -25,7 +25,7 @@ import pytest
 import schemathesis
 from schemathesis.generation import GenerationMode
 
-from test_reliability_support import ROOT, ApiProc, build_fleet
+from reliability_support import ROOT, ApiProc, build_fleet
 
 SPEC_PATH = os.path.join(ROOT, "openapi.json")
 

@@ -26,7 +26,7 @@ import pytest
 
 import pki
 from fleet import Fleet
-from test_reliability_support import ApiProc, PairingProc
+from reliability_support import ApiProc, PairingProc
 
 HANDSHAKE_TIMEOUT_S = 10.0
 #: TLS 1.2 suites outside the policy that an ECDSA server could otherwise negotiate.
