@@ -44,6 +44,28 @@ def free_address() -> tuple:
     raise RuntimeError("no free loopback address found")
 
 
+def free_port(address: str = "127.0.0.1") -> int:
+    """A port that is free on ``address`` right now."""
+    sock = socket.socket()
+    try:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def wait_for(predicate, what: str, timeout_s: float = 30.0, step_s: float = 0.05):
+    """Poll predicate() until it returns a true value (returned) or fail after timeout_s."""
+    end = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= end:
+            raise AssertionError("timed out after %.0fs waiting for %s" % (timeout_s, what))
+        time.sleep(step_s)
+
+
 def write_executable(path: str, body: str) -> str:
     with open(path, "w") as handle:
         handle.write(body)

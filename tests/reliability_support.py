@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 
-from fleet import Fleet
+from fleet import Fleet, free_port, wait_for  # noqa: F401 (re-exported to the reliability tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API = os.path.join(ROOT, "ctrlexec_api.py")
@@ -45,28 +45,6 @@ API = os.path.join(ROOT, "ctrlexec_api.py")
 WAIT_S = 30.0
 #: How long an API child may take to print ACTION=api-start.
 API_START_S = 30.0
-
-
-def free_port(address: str = "127.0.0.1") -> int:
-    """A port that is free on address right now."""
-    sock = socket.socket()
-    try:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
-
-
-def wait_for(predicate, what: str, timeout_s: float = WAIT_S, step_s: float = 0.05):
-    """Poll predicate() until it returns a true value (returned) or fail after timeout_s."""
-    end = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= end:
-            raise AssertionError("timed out after %.0fs waiting for %s" % (timeout_s, what))
-        time.sleep(step_s)
 
 
 class Background:

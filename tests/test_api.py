@@ -35,6 +35,7 @@ import ctrlexec_api
 import pki
 import store
 from apitest_support import SPEC, SPEC_PATH, call, check_response
+from fleet import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API = os.path.join(ROOT, "ctrlexec_api.py")
@@ -132,17 +133,6 @@ sys.exit(int(rules.get(data["action"], 0)))
         return out
 
     return hook, set_rules, read_seen
-
-
-def wait_for(predicate, what: str, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting for " + what)
-        gevent.sleep(0.05)
 
 
 def tree_snapshot(*folders) -> dict:
@@ -744,15 +734,6 @@ def test_stream_ndjson_events_and_stored_like_sync(live):
 # ---------------------------------------------------------------------------
 # over the wire: a real `python ctrlexec_api.py` process
 # ---------------------------------------------------------------------------
-
-
-def free_port(address: str = "127.0.0.1") -> int:
-    sock = socket.socket()
-    try:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 class ApiProcess:

@@ -29,6 +29,7 @@ import pytest
 import ctrlexec_agent as wire
 import pki
 from apitest_support import SPEC, Response, check_response
+from fleet import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API = os.path.join(ROOT, "ctrlexec_api.py")
@@ -62,15 +63,6 @@ STREAM_EVENT = dict(SPEC["components"]["schemas"]["StreamEvent"], components=SPE
 # ---------------------------------------------------------------------------
 # helpers: the API process, an NDJSON reader, a stdlib WebSocket client
 # ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    sock = socket.socket()
-    try:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 class ApiProcess:
@@ -308,17 +300,6 @@ def comparable(results: list) -> list:
 
 def output_of(events: list, host: str, kind: str = "stdout") -> str:
     return "".join(e["data"] for e in events if e["event"] == kind and e.get("host") == host)
-
-
-def wait_for(predicate, what: str, timeout_s: float = WAIT_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting for " + what)
-        time.sleep(0.05)
 
 
 def check_stream_shape(events: list, hosts: list) -> dict:
