@@ -38,6 +38,7 @@ import http.client
 import os
 import re
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -86,6 +87,14 @@ DRAIN_MAX_BYTES = 4 * MAX_BODY_BYTES
 POOL_MARGIN = 8
 #: How long a graceful stop waits for in-flight requests before closing them.
 SHUTDOWN_GRACE_S = 30.0
+#: A client that asks for it with "Connection: keep-alive" may send further requests on
+#: the same connection (one request per connection otherwise, as the original). A kept
+#: connection waits this long for its next request line, and serves at most this many.
+KEEPALIVE_IDLE_S = 5.0
+KEEPALIVE_MAX_REQUESTS = 1000
+#: Connections are kept only while at least this share of the connection pool is free, so
+#: idle keep-alive clients never push new callers into a wait in accept().
+KEEPALIVE_FREE_SHARE = 0.25
 #: Oldest gevent we start with (as requirements.txt).
 MIN_GEVENT_VERSION = (24, 2)
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
@@ -1146,25 +1155,31 @@ class _Handler(WebSocketHandler):
     plain WSGI, and only the /ws/run route upgrades, through environ[WS_UPGRADE_KEY].
     """
 
+    #: Requests read on this connection so far (keep-alive bookkeeping).
+    served = 0
+
     def run_application(self) -> Any:
         self.environ[WS_UPGRADE_KEY] = self._upgrade
         try:
             return pywsgi.WSGIHandler.run_application(self)
         finally:
-            self._drain_input()
+            if not self._drain_input():
+                self.close_connection = True
 
-    def _drain_input(self) -> None:
+    def _drain_input(self) -> bool:
         """Read what is left of the request body, bounded in bytes and time.
 
-        The connection closes after this answer; closing with unread input resets it and
-        can destroy the answer, so pywsgi drains the body first - at the client's pace and
-        up to any declared length. A client sending one byte a second, or an endless body
-        after a 413, would hold a pool slot that long; here the drain is capped instead.
+        Closing with unread input resets the connection and can destroy the answer, so
+        pywsgi drains the body first - at the client's pace and up to any declared length.
+        A client sending one byte a second, or an endless body after a 413, would hold a
+        pool slot that long; here the drain is capped instead. Returns True when the whole
+        body was read, so the next request on a kept connection starts at its first byte.
         """
         stream = self.wsgi_input
         if stream is None:
-            return
+            return True
         left = DRAIN_MAX_BYTES
+        complete = False
         # As pywsgi's own discard: never invite a body (100 Continue) only to drop it.
         stream.send_100_continue_enabled = False
         try:
@@ -1172,12 +1187,14 @@ class _Handler(WebSocketHandler):
                 while left > 0:
                     chunk = stream.read(min(65536, left))
                     if not chunk:
+                        complete = True
                         break
                     left -= len(chunk)
         except (OSError, ValueError):
             pass                # a broken or malformed body: closing is all that is left
-        # pywsgi's own "the socket closes anyway, skip the discard" flag.
+        # pywsgi's own "skip the discard" flag: the body is read, or the connection closes.
         stream._chunked_input_error = True
+        return complete
 
     def _upgrade(self) -> Any:
         """Send 101 (the route checked the handshake) and return the WebSocket."""
@@ -1201,6 +1218,8 @@ class _Handler(WebSocketHandler):
         return result
 
     def read_requestline(self) -> str:
+        if self.served:
+            return self._next_requestline()
         self._head_deadline = time.monotonic() + REQUEST_HEAD_DEADLINE_S
         try:
             with gevent.Timeout(REQUEST_HEAD_DEADLINE_S, _ClientFault("request line")):
@@ -1219,14 +1238,68 @@ class _Handler(WebSocketHandler):
                 result = super().read_request(raw_requestline)
             except http.client.HTTPException as exc:    # e.g. "got more than 100 headers"
                 raise _ClientFault(str(exc)) from None
-        self.close_connection = True
+        self.served += 1
+        self.close_connection = not self._keep_alive_allowed()
         return result
 
     def start_response(self, status: str, headers: list, exc_info: Any = None) -> Any:
-        # Tell HTTP/1.1 clients too, so they never try to reuse the closed connection.
+        # Only a sized, non-5xx answer to a request whose body is already read leaves a
+        # kept connection in a known state.
+        sized = any(name.lower() == "content-length" for name, _ in headers)
+        if not sized or status.startswith("5") or not self._body_consumed():
+            self.close_connection = True
+        # Tell HTTP/1.1 clients too, so they never try to reuse a closed connection.
         if not any(name.lower() == "connection" for name, _ in headers):
-            headers = list(headers) + [("Connection", "close")]
+            headers = list(headers) + [("Connection", "close" if self.close_connection
+                                        else "keep-alive")]
         return super().start_response(status, headers, exc_info)
+
+    def _body_consumed(self) -> bool:
+        """The request body was read to its declared end (chunked bodies never count)."""
+        stream = self.wsgi_input
+        if stream is None:
+            return True
+        if stream.chunked_input:
+            return False
+        return (stream.content_length or 0) <= stream.position
+
+    def _keep_alive_allowed(self) -> bool:
+        """Keep the connection after this request? Only on the client's explicit ask.
+
+        "Connection: keep-alive" (HTTP/1.0 or 1.1), no WebSocket upgrade, the server not
+        stopping, fewer than KEEPALIVE_MAX_REQUESTS served, and enough of the connection
+        pool free that idle connections never make a new caller wait.
+        """
+        tokens = {token.strip().lower() for value in (self.headers.get_all("Connection") or [])
+                  for token in value.split(",")}
+        if "keep-alive" not in tokens or tokens & {"close", "upgrade"}:
+            return False
+        if self.headers.get("Upgrade") or self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            return False
+        if getattr(self.server, "stopping", False) or self.served >= KEEPALIVE_MAX_REQUESTS:
+            return False
+        pool = getattr(self.server, "pool", None)
+        return pool is None or pool.free_count() >= pool.size * KEEPALIVE_FREE_SHARE
+
+    def _next_requestline(self) -> str:
+        """The next request line on a kept connection, or "" (close) after KEEPALIVE_IDLE_S.
+
+        The wait is registered with the server, so a graceful stop ends idle connections
+        at once instead of waiting for them.
+        """
+        idle = self.server.idle_keepalive
+        current = gevent.getcurrent()
+        idle.add(current)
+        try:
+            with gevent.Timeout(KEEPALIVE_IDLE_S, False):
+                if getattr(self.server, "stopping", False):
+                    return ""
+                line = pywsgi.WSGIHandler.read_requestline(self)
+                self._head_deadline = time.monotonic() + REQUEST_HEAD_DEADLINE_S
+                return line
+            return ""
+        finally:
+            idle.discard(current)
 
 
 class _ErrorLog:
@@ -1242,9 +1315,26 @@ class _ErrorLog:
 
 
 class _Server(pywsgi.WSGIServer):
-    """WSGIServer whose client sockets get a timeout before the TLS handshake."""
+    """WSGIServer whose client sockets get a timeout before the TLS handshake.
+
+    Answers go out without Nagle's delay (TCP_NODELAY): a small answer on a kept
+    connection would otherwise wait for the client's delayed ACK.
+    """
 
     handler_class = _Handler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Set by a graceful stop: no new keep-alive, idle connections end.
+        self.stopping = False
+        #: Greenlets of kept connections waiting for their next request line.
+        self.idle_keepalive: set = set()
+
+    def end_idle_keepalive(self) -> None:
+        """Graceful stop: no more keep-alive; close connections waiting between requests."""
+        self.stopping = True
+        for greenlet in list(self.idle_keepalive):
+            greenlet.kill(block=False)
 
     def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
         client_socket.settimeout(CLIENT_IO_TIMEOUT_S)
@@ -1262,6 +1352,10 @@ class _Server(pywsgi.WSGIServer):
 
     def handle(self, sock: Any, address: Any) -> Any:
         sock.settimeout(CLIENT_IO_TIMEOUT_S)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass                # not TCP (a test's socketpair): nothing to tune
         return super().handle(sock, address)
 
 
@@ -1298,6 +1392,7 @@ def serve(cfg: Any, app: Any, *, ssl_context: Any = None) -> int:
             return
         state["stopping"] = True
         server.close()                              # stop accepting; in-flight go on
+        server.end_idle_keepalive()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         while pool.free_count() < pool.size and time.monotonic() < deadline:
             gevent.sleep(0.05)

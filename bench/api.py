@@ -11,6 +11,10 @@ load generator in a child process.  Figures:
   own p50 run time (fork+exec+exit, timed here directly) = the ctrl-exec
   overhead of a run.
 
+Each is taken twice: one request per connection (what a client gets unless it
+asks otherwise, as with the original API) and with ``Connection: keep-alive``
+(the API then serves further requests on the connection).
+
 The load generator shares the machine's cores with the API and the agents,
 so the figures are conservative.  Never does: bind a non-loopback address,
 change product modules, or assert anything.
@@ -62,16 +66,22 @@ WRK_LUA = r"""
 local hosts = {%(hosts)s}
 local counter = 0
 local method, path, body = "%(method)s", "%(path)s", nil
+local keepalive = %(keepalive)s
 function setup(thread)
   counter = counter + 1
   thread:set("host", hosts[((counter - 1) %% #hosts) + 1])
 end
 function init(args)
+  local headers = {}
+  if keepalive then
+    headers["Connection"] = "keep-alive"
+  end
   if method == "POST" then
+    headers["Content-Type"] = "application/json"
     body = '{"hosts":["' .. host .. '"],"script":"%(script)s"}'
-    req = wrk.format("POST", path, {["Content-Type"] = "application/json"}, body)
+    req = wrk.format("POST", path, headers, body)
   else
-    req = wrk.format("GET", path)
+    req = wrk.format("GET", path, headers)
   end
 end
 function request()
@@ -91,15 +101,17 @@ end
 
 
 def run_wrk(port: int, *, method: str, path: str, hosts: list, clients: int, duration_s: float,
-            script: str = fleet_mod.SCRIPT_NAME) -> dict:
+            keepalive: bool = False, script: str = fleet_mod.SCRIPT_NAME) -> dict:
     """Drive the API with wrk (one thread per client so each keeps its own host).
+
+    Without ``keepalive`` the API closes after each answer and wrk reconnects.
 
     Returns:
         {"tool": "wrk", "clients", "requests", "rps", "p50_ms", "p90_ms", "p99_ms", "max_ms",
          "errors": {"connect","read","write","status","timeout"}}
     """
     lua = WRK_LUA % {"hosts": ", ".join('"%s"' % h for h in hosts) or '""', "method": method,
-                     "path": path, "script": script}
+                     "path": path, "script": script, "keepalive": "true" if keepalive else "false"}
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
         handle.write(lua)
     try:
@@ -113,7 +125,7 @@ def run_wrk(port: int, *, method: str, path: str, hosts: list, clients: int, dur
     for line in out.stdout.splitlines():
         if line.startswith("WRKJSON "):
             raw = json.loads(line[len("WRKJSON "):])
-            return _load_row("wrk", clients, raw["requests"], raw["duration_us"] / 1e6,
+            return _load_row("wrk", clients, keepalive, raw["requests"], raw["duration_us"] / 1e6,
                              [raw["p50_us"], raw["p90_us"], raw["p99_us"], raw["max_us"]],
                              {"connect": raw["connect_errors"], "read": raw["read_errors"],
                               "write": raw["write_errors"], "status": raw["status_errors"],
@@ -123,12 +135,13 @@ def run_wrk(port: int, *, method: str, path: str, hosts: list, clients: int, dur
 
 
 def run_gevent_load(port: int, *, method: str, path: str, hosts: list, clients: int,
-                    duration_s: float) -> dict:
+                    duration_s: float, keepalive: bool = False) -> dict:
     """The same load from a gevent child process (when wrk is not installed)."""
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--loadgen-child", "--port", str(port),
          "--method", method, "--path", path, "--hosts-list", ",".join(hosts),
-         "--clients", str(clients), "--duration", str(duration_s)],
+         "--clients", str(clients), "--duration", str(duration_s)]
+        + (["--keepalive"] if keepalive else []),
         capture_output=True, text=True, timeout=duration_s + 60)
     if out.returncode != 0:
         raise fanout.BenchError("load generator exited %d: %s" % (out.returncode, out.stderr[-500:]))
@@ -151,7 +164,8 @@ def measure_api(fleet, *, clients: int, duration_s: float, tool: str) -> dict:
 
     Returns:
         {"health": load row, "run_1host": load row, "run_1host_serial": load row,
-         "script_p50_ms", "run_overhead_p50_ms", "api_peak_rss_mb", "api_max_children"}
+         "script_p50_ms", "run_overhead_p50_ms", "api_peak_rss_mb", "api_max_children",
+         "keepalive": {the same three rows and run_overhead_p50_ms, with Connection: keep-alive}}
     """
     load = run_wrk if tool == "wrk" else run_gevent_load
     api = fanout.ApiProcess(fleet, max_parallel=fanout.DEFAULT_MAX_PARALLEL,
@@ -160,80 +174,118 @@ def measure_api(fleet, *, clients: int, duration_s: float, tool: str) -> dict:
         names = fleet.names
         # One short warm-up per host: TLS sessions cached, agents' code paths hot.
         api.request("POST", "/run", {"hosts": names, "script": fleet_mod.SCRIPT_NAME})
-        health = load(api.port, method="GET", path="/health", hosts=[], clients=clients,
-                      duration_s=duration_s)
-        run_many = load(api.port, method="POST", path="/run", hosts=names[:clients],
-                        clients=clients, duration_s=duration_s)
-        # A host the concurrent phase never used: its last runs may still hold their locks.
-        run_one = load(api.port, method="POST", path="/run", hosts=names[-1:], clients=1,
-                       duration_s=duration_s)
+        rows = {}
+        for keepalive in (False, True):
+            rows[keepalive] = {
+                "health": load(api.port, method="GET", path="/health", hosts=[],
+                               clients=clients, duration_s=duration_s, keepalive=keepalive),
+                "run_1host": load(api.port, method="POST", path="/run", hosts=names[:clients],
+                                  clients=clients, duration_s=duration_s, keepalive=keepalive),
+                # A host the concurrent phase never used: its last runs may still hold locks.
+                "run_1host_serial": load(api.port, method="POST", path="/run",
+                                         hosts=names[-1:], clients=1, duration_s=duration_s,
+                                         keepalive=keepalive)}
         rss = fanout.proc_peak_rss_mb(api.proc.pid)
     finally:
         api.stop()
     script_ms = script_run_time_ms(fleet.script_path)
-    return {"health": health, "run_1host": run_many, "run_1host_serial": run_one,
-            "script_p50_ms": script_ms,
-            "run_overhead_p50_ms": round(run_one["p50_ms"] - script_ms, 3),
-            "api_peak_rss_mb": rss, "api_max_children": fanout.API_MAX_CHILDREN}
+    for row in rows.values():
+        row["run_overhead_p50_ms"] = round(row["run_1host_serial"]["p50_ms"] - script_ms, 3)
+    result = dict(rows[False])
+    result.update(script_p50_ms=script_ms, api_peak_rss_mb=rss,
+                  api_max_children=fanout.API_MAX_CHILDREN, keepalive=rows[True])
+    return result
 
 
 # --- private ---
 
 
-def _load_row(tool: str, clients: int, requests: int, duration_s: float, latencies_us: list,
-              errors: dict) -> dict:
+def _load_row(tool: str, clients: int, keepalive: bool, requests: int, duration_s: float,
+              latencies_us: list, errors: dict) -> dict:
     p50, p90, p99, top = (round(value / 1000.0, 3) for value in latencies_us)
-    return {"tool": tool, "clients": clients, "requests": requests,
+    return {"tool": tool, "clients": clients, "keepalive": keepalive, "requests": requests,
             "rps": round(requests / duration_s, 1) if duration_s else 0.0,
             "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": top, "errors": errors}
 
 
 def _gevent_load(port: int, method: str, path: str, hosts: list, clients: int,
-                 duration_s: float) -> dict:
-    """--loadgen-child: ``clients`` greenlets, each a loop of one-request connections."""
+                 duration_s: float, keepalive: bool = False) -> dict:
+    """--loadgen-child: ``clients`` greenlets, each a loop of requests.
+
+    One connection per request, or with ``keepalive`` one connection reused for as long
+    as the API answers ``Connection: keep-alive``.
+    """
     import socket
 
     import gevent
 
     latencies, errors = [], {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
     end = time.monotonic() + duration_s
+    connection = "keep-alive" if keepalive else "close"
 
     def request_bytes(host: str) -> bytes:
         if method == "GET":
-            return ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path).encode()
+            return ("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: %s\r\n\r\n"
+                    % (path, connection)).encode()
         body = json.dumps({"hosts": [host], "script": fleet_mod.SCRIPT_NAME}).encode()
         head = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                "Content-Length: %d\r\nConnection: close\r\n\r\n" % (path, len(body))).encode()
+                "Content-Length: %d\r\nConnection: %s\r\n\r\n"
+                % (path, len(body), connection)).encode()
         return head + body
+
+    def read_answer(sock) -> tuple:
+        """(status line, keep the connection?) of one Content-Length framed answer."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("closed before the answer")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        fields = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip().lower()
+        length = int(fields.get(b"content-length", b"0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("closed inside the answer")
+            body += chunk
+        return head.split(b"\r\n", 1)[0], fields.get(b"connection") == b"keep-alive"
 
     def client(number: int) -> None:
         data = request_bytes(hosts[number % len(hosts)] if hosts else "")
+        sock = None
         while time.monotonic() < end:
             started = time.perf_counter()
-            try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-            except OSError:
-                errors["connect"] += 1
-                continue
+            if sock is None:
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+                except OSError:
+                    errors["connect"] += 1
+                    continue
             try:
                 sock.sendall(data)
-                chunks = []
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
+                status, kept = read_answer(sock)
             except socket.timeout:
                 errors["timeout"] += 1
-                continue
+                kept = False
+                status = None
             except OSError:
                 errors["read"] += 1
-                continue
-            finally:
+                kept = False
+                status = None
+            if not (keepalive and kept):
                 sock.close()
+                sock = None
+            if status is None:
+                continue
             latencies.append(time.perf_counter() - started)
-            if not b"".join(chunks[:1]).startswith(b"HTTP/1.1 2"):
+            if not status.startswith(b"HTTP/1.1 2"):
                 errors["status"] += 1
+        if sock is not None:
+            sock.close()
 
     started = time.monotonic()
     gevent.joinall([gevent.spawn(client, i) for i in range(clients)], timeout=duration_s + 40)
@@ -241,20 +293,23 @@ def _gevent_load(port: int, method: str, path: str, hosts: list, clients: int,
     latencies.sort()
     pick = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e6) \
         if latencies else (lambda q: 0.0)
-    return _load_row("gevent", clients, len(latencies), elapsed,
+    return _load_row("gevent", clients, keepalive, len(latencies), elapsed,
                      [pick(0.50), pick(0.90), pick(0.99), pick(1.0)], errors)
 
 
 def _print_result(result: dict) -> None:
-    for label, key in (("GET /health", "health"), ("POST /run 1 host", "run_1host"),
-                       ("POST /run 1 host, serial", "run_1host_serial")):
-        row = result[key]
-        print("%-26s %2d clients (%s): %8.1f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %s"
-              % (label, row["clients"], row["tool"], row["rps"], row["p50_ms"], row["p99_ms"],
-                 {k: v for k, v in row["errors"].items() if v} or "none"))
-    print("script's own p50 run time %.3f ms; /run overhead at p50 %.3f ms; API peak RSS %.1f MB; "
-          "load %s" % (result["script_p50_ms"], result["run_overhead_p50_ms"],
-                       result["api_peak_rss_mb"], result["load_avg_before"]))
+    for rows, mode in ((result, "new connection per request"),
+                       (result["keepalive"], "Connection: keep-alive")):
+        print("-- %s" % mode)
+        for label, key in (("GET /health", "health"), ("POST /run 1 host", "run_1host"),
+                           ("POST /run 1 host, serial", "run_1host_serial")):
+            row = rows[key]
+            print("%-26s %2d clients (%s): %8.1f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %s"
+                  % (label, row["clients"], row["tool"], row["rps"], row["p50_ms"],
+                     row["p99_ms"], {k: v for k, v in row["errors"].items() if v} or "none"))
+        print("/run overhead at p50 %.3f ms" % rows["run_overhead_p50_ms"])
+    print("script's own p50 run time %.3f ms; API peak RSS %.1f MB; load %s"
+          % (result["script_p50_ms"], result["api_peak_rss_mb"], result["load_avg_before"]))
 
 
 def main(argv: list | None = None) -> int:
@@ -270,11 +325,12 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--method", default="GET", help=argparse.SUPPRESS)
     parser.add_argument("--path", default="/health", help=argparse.SUPPRESS)
     parser.add_argument("--hosts-list", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--keepalive", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.loadgen_child:
         hosts = [h for h in opts.hosts_list.split(",") if h]
         print(json.dumps(_gevent_load(opts.port, opts.method, opts.path, hosts, opts.clients,
-                                      opts.duration)))
+                                      opts.duration, opts.keepalive)))
         return 0
     tool = opts.loadgen
     if tool == "auto":

@@ -905,6 +905,113 @@ def test_plain_api_process_graceful_stop_finishes_in_flight(fleet, api_procs, tm
     assert proc.proc.wait(WAIT_S) == 0
 
 
+def read_http_response(sock: socket.socket) -> tuple:
+    """One response off a raw socket, framed by Content-Length: (status, headers, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before a full response head: %r" % data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the body"
+        body += chunk
+    assert len(body) == length, "more bytes than Content-Length: %r" % body[length:]
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True when the server closed the connection (EOF or reset) within WAIT_S."""
+    sock.settimeout(WAIT_S)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_keep_alive_only_on_request_and_every_answer_framed(fleet, api_procs, tmp_path):
+    port = free_port()
+    fleet.set_conf(api_port=port)
+    proc = ApiProcess(fleet.conf_path, str(tmp_path / "api.log"))
+    api_procs.append(proc)
+    proc.wait_listening(port)
+
+    # Default: one request per connection, as the original API.
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = read_http_response(sock)
+        assert status == 200 and headers["connection"] == "close"
+        assert closed_by_server(sock)
+
+    # "Connection: keep-alive": several requests, each answer framed, the body consumed.
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, body = read_http_response(sock)
+        assert (status, headers["connection"]) == (200, "keep-alive")
+        assert json.loads(body)["ok"] is True
+        bad = b'{"hosts": ['
+        sock.sendall(b"POST /ping HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(bad), bad))
+        status, headers, body = read_http_response(sock)
+        assert (status, headers["connection"]) == (400, "keep-alive")
+        assert json.loads(body)["detail"] == "invalid JSON body"
+        sock.sendall(b"GET /nowhere HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, body = read_http_response(sock)
+        assert (status, headers["connection"]) == (404, "keep-alive")
+        # An answer given without reading the whole body ends the connection.
+        sock.sendall(b"POST /run HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (8 * wire.MAX_BODY_BYTES))
+        status, headers, body = read_http_response(sock)
+        assert (status, headers["connection"]) == (413, "close")
+        assert closed_by_server(sock)
+
+    # Asking to close, or to upgrade, wins over keep-alive.
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n")
+        status, headers, _ = read_http_response(sock)
+        assert (status, headers["connection"]) == (200, "close")
+        assert closed_by_server(sock)
+    log = proc.log()
+    assert log.count("ACTION=api-request") == 6, log
+
+
+def test_idle_keep_alive_connection_is_closed_and_does_not_hold_a_stop(fleet, api_procs,
+                                                                       tmp_path):
+    port = free_port()
+    fleet.set_conf(api_port=port)
+    proc = ApiProcess(fleet.conf_path, str(tmp_path / "api.log"))
+    api_procs.append(proc)
+    proc.wait_listening(port)
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
+
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        sock.sendall(request)
+        assert read_http_response(sock)[0] == 200
+        started = time.monotonic()
+        assert closed_by_server(sock)        # idle past KEEPALIVE_IDLE_S
+        assert time.monotonic() - started >= ctrlexec_api.KEEPALIVE_IDLE_S - 1
+
+    idle = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+    try:
+        idle.sendall(request)
+        assert read_http_response(idle)[0] == 200
+        proc.proc.send_signal(signal.SIGTERM)
+        assert closed_by_server(idle)
+        # The stop ends the idle connection instead of waiting for it.
+        assert proc.proc.wait(WAIT_S) == 0
+    finally:
+        idle.close()
+    assert "ACTION=api-stop" in proc.log()
+
+
 def test_refuses_to_start_with_exit_2(fleet, tmp_path):
     port = free_port()
     fleet.set_conf(api_port=port, api_cert=str(tmp_path / "missing.crt"),
