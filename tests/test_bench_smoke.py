@@ -1,6 +1,7 @@
 """Smoke test of the bench harness (bench/): it must keep working, not be fast.
 
-Runs ``bench/fanout.py`` and ``bench/api.py`` on a 3-host fleet in tmp_path,
+Runs ``bench/fanout.py``, ``bench/api.py`` and ``bench/floor.py`` on a 2-3 host
+fleet in tmp_path,
 each as a subprocess in its own session (killed as a group on timeout, so no
 agent host outlives the test), and checks the shape of the JSON and that
 every host answered.  No timing is asserted: the figures on a shared CI
@@ -73,3 +74,24 @@ def test_api_bench_with_gevent_load_generator(tmp_path):
                                      "timeout": 0}
             assert {"rps", "p50_ms", "p99_ms"} <= set(row)
         assert "run_overhead_p50_ms" in rows
+
+
+def test_floor_bench_measures_every_floor_next_to_the_product(tmp_path):
+    out = _run([os.path.join(BENCH, "floor.py"), "--hosts", "2", "--repeat", "1", "--requests",
+                "5", "--duration", "1", "--loadgen", "gevent", "--json",
+                "--root", str(tmp_path / "fleet")], tmp_path)
+    result = json.loads(out.strip().splitlines()[-1])
+    tls = result["tls"]
+    assert tls["resumed_ok"] == tls["handshakes"]
+    assert tls["full"]["client_ms"] > 0 and tls["resumed"]["session_copy_ms"] > 0
+    for path in ("floor", "engine"):
+        for kind in ("cold", "warm"):
+            assert result["dispatcher"][path][kind]["ok_hosts"] == 2
+    for path in ("floor", "agent"):
+        assert result["agent"][path]["p50_ms"] > 0
+    for mode in ("close", "keepalive"):
+        row = result["http"][mode]
+        assert row["requests"] > 0 and row["errors"]["status"] == 0
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "fleet")], capture_output=True,
+                               text=True).stdout.split()
+    assert leftovers == []
