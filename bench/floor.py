@@ -14,7 +14,8 @@ each taken next to the product's own figure in the same run:
   and wall time, cold (full handshakes) and warm (resumed).
 * ``agent``: a minimal threaded stdlib mTLS server (handshake, read the
   request, ``subprocess.run`` of the same script, answer) next to the real
-  agent: CPU ms per request and p50 latency over serial requests.
+  agent, each alone in its process as on a real host: CPU ms per request and
+  p50 latency over serial requests.
 * ``http``: a bare gevent ``pywsgi`` app answering ``/health`` under the same
   load as ``bench/api.py`` uses, one request per connection and keep-alive.
 
@@ -128,6 +129,9 @@ def measure_dispatcher(fleet, hosts: int, *, max_parallel: int, repeat: int) -> 
 def measure_agent(fleet, requests: int = AGENT_REQUESTS) -> dict:
     """Serial /run requests to a minimal stdlib mTLS server and to the real agent 0.
 
+    ``fleet`` must not be serving: agent 0 is started alone in one host process (a
+    process serving many bench agents pays for their descriptors at every spawn).
+
     Returns:
         {"floor": {"cpu_ms_per_request", "p50_ms"}, "agent": {...}, "requests"}
     """
@@ -149,8 +153,13 @@ def measure_agent(fleet, requests: int = AGENT_REQUESTS) -> dict:
         server.stdout.close()
     target = fleet.layout["agents"][0]
     agent_cfg = wire.load_agent_config(os.path.join(target["dir"], "agent.conf"))
-    agent = _serial_requests(client_ctx, (agent_cfg.bind, agent_cfg.port), request, requests,
-                             fleet.host_pids()[0])
+    single = fleet_mod.BenchFleet(fleet.root, 1).build()
+    single.start(1)
+    try:
+        agent = _serial_requests(client_ctx, (agent_cfg.bind, agent_cfg.port), request,
+                                 requests, single.host_pids()[0])
+    finally:
+        single.stop()
     return {"floor": floor, "agent": agent, "requests": requests}
 
 
@@ -456,17 +465,16 @@ def main(argv: list | None = None) -> int:
     fleet = fleet_mod.BenchFleet(root, opts.hosts).build()
     if "tls" in wanted:
         result["tls"] = measure_tls(fleet)
-    if wanted & {"dispatcher", "agent"}:
+    if "dispatcher" in wanted:
         fleet.write_conf()
         fleet.start()
         try:
-            if "dispatcher" in wanted:
-                result["dispatcher"] = measure_dispatcher(fleet, opts.hosts, max_parallel=max_parallel,
-                                                          repeat=opts.repeat)
-            if "agent" in wanted:
-                result["agent"] = measure_agent(fleet, opts.requests)
+            result["dispatcher"] = measure_dispatcher(fleet, opts.hosts, max_parallel=max_parallel,
+                                                      repeat=opts.repeat)
         finally:
             fleet.stop()
+    if "agent" in wanted:
+        result["agent"] = measure_agent(fleet, opts.requests)
     if "http" in wanted:
         result["http"] = measure_http(duration_s=opts.duration, tool=tool)
     result["load_avg_after"] = fanout.load_average()
