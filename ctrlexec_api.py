@@ -1266,15 +1266,20 @@ class _Handler(WebSocketHandler):
     def _keep_alive_allowed(self) -> bool:
         """Keep the connection after this request? Only on the client's explicit ask.
 
-        "Connection: keep-alive" (HTTP/1.0 or 1.1), no WebSocket upgrade, the server not
-        stopping, fewer than KEEPALIVE_MAX_REQUESTS served, and enough of the connection
-        pool free that idle connections never make a new caller wait.
+        "Connection: keep-alive" (HTTP/1.0 or 1.1), no WebSocket upgrade, a body framed by
+        one Content-Length (or none), the server not stopping, fewer than
+        KEEPALIVE_MAX_REQUESTS served, and enough of the connection pool free that idle
+        connections never make a new caller wait.
         """
         tokens = {token.strip().lower() for value in (self.headers.get_all("Connection") or [])
                   for token in value.split(",")}
         if "keep-alive" not in tokens or tokens & {"close", "upgrade"}:
             return False
         if self.headers.get("Upgrade") or self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            return False
+        # Only plain Content-Length framing: where the next request starts must be certain.
+        if self.headers.get("Transfer-Encoding") or len(self.headers.get_all("Content-Length")
+                                                        or []) > 1:
             return False
         if getattr(self.server, "stopping", False) or self.served >= KEEPALIVE_MAX_REQUESTS:
             return False
