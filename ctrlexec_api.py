@@ -1281,9 +1281,9 @@ class _Handler(WebSocketHandler):
         if self.headers.get("Transfer-Encoding") or len(self.headers.get_all("Content-Length")
                                                         or []) > 1:
             return False
-        if getattr(self.server, "stopping", False) or self.served >= KEEPALIVE_MAX_REQUESTS:
+        if self.server.stopping or self.served >= KEEPALIVE_MAX_REQUESTS:
             return False
-        pool = getattr(self.server, "pool", None)
+        pool = self.server.pool
         return pool is None or pool.free_count() >= pool.size * KEEPALIVE_FREE_SHARE
 
     def _next_requestline(self) -> str:
@@ -1297,7 +1297,7 @@ class _Handler(WebSocketHandler):
         idle.add(current)
         try:
             with gevent.Timeout(KEEPALIVE_IDLE_S, False):
-                if getattr(self.server, "stopping", False):
+                if self.server.stopping:
                     return ""
                 line = pywsgi.WSGIHandler.read_requestline(self)
                 self._head_deadline = time.monotonic() + REQUEST_HEAD_DEADLINE_S
