@@ -176,10 +176,13 @@ class WsClient:
     """A minimal RFC 6455 client on the standard library: handshake, text frames, close."""
 
     def __init__(self, port: int, *, headers=None, path: str = "/ws/run",
-                 version: str = "13", ctx: ssl.SSLContext | None = None) -> None:
+                 version: str = "13", ctx: ssl.SSLContext | None = None,
+                 kept_alive: bool = False) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
         if ctx is not None:
             self.sock = ctx.wrap_socket(self.sock)
+        if kept_alive:
+            self._health_first()
         key = base64.b64encode(os.urandom(16)).decode()
         lines = ["GET %s HTTP/1.1" % path, "Host: 127.0.0.1:%d" % port, "Upgrade: websocket",
                  "Connection: Upgrade", "Sec-WebSocket-Key: " + key,
@@ -201,6 +204,19 @@ class WsClient:
             assert self.headers["sec-websocket-accept"] == accept
         else:
             self.body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+
+    def _health_first(self) -> None:
+        """GET /health with Connection: keep-alive on this connection; the answer must keep it."""
+        self.sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          b"Connection: keep-alive\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.sock.recv(1)       # byte by byte: nothing past the answer is read
+        head = data.decode("latin-1").lower()
+        assert head.startswith("http/1.1 200") and "connection: keep-alive" in head, head
+        length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
+        while length:
+            length -= len(self.sock.recv(length))
 
     def send(self, message, opcode: int = 0x1) -> None:
         """Send a dict as JSON (or bytes as they are) in one masked frame."""
@@ -587,6 +603,22 @@ def test_ws_handshake_required_and_index_lists_the_endpoint(fleet, api):
     assert {"method": "GET", "path": "/ws/run"} in index["endpoints"]
     assert "get" in SPEC["paths"]["/ws/run"]
     assert "101" in SPEC["paths"]["/ws/run"]["get"]["responses"]
+
+
+def test_ws_run_on_a_connection_kept_alive_after_a_request(fleet, api):
+    fleet.add_agent("web-01", scripts={"tick": TICK})
+    server = api()
+    client = WsClient(server.port, kept_alive=True)
+    try:
+        assert client.status == 101, (client.status, client.body)
+        client.send({"hosts": ["web-01"], "script": "tick"})
+        events = events_of(client.all())
+    finally:
+        client.close()
+    done = check_stream_shape(events, ["web-01"])
+    assert output_of(events, "web-01") == "first\nsecond\n"
+    assert done["results"][0]["exit"] == 0
+    assert client.close_code == 1000
 
 
 def test_ws_answers_pings_during_a_run_and_logs_101(fleet, api):
