@@ -1,22 +1,35 @@
-"""Test support for the HTTP API tests: an in-process WSGI client and the spec checker.
+"""Test support for the HTTP API tests: the in-process WSGI client, the spec checker
+and the real API process.
 
 `call()` drives make_app() through wsgiref.validate (STYLE §20) and checks every
 response against the schema that openapi.json documents for that path + status.
+`ApiServer` is `python ctrlexec_api.py --config PATH` as a child process, the one
+handle every over-the-wire test uses.
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import wsgiref.util
 import wsgiref.validate
 
 import jsonschema
 
+from fleet import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC_PATH = os.path.join(ROOT, "openapi.json")
+API = os.path.join(ROOT, "ctrlexec_api.py")
+#: API start-up (bind + ACTION=api-start), a graceful stop, and one test request.
+API_WAIT_S = 30.0
 
 with open(SPEC_PATH) as _fh:
     SPEC = json.load(_fh)
@@ -130,3 +143,96 @@ def check_response(method: str, path: str, resp: Response) -> None:
         errors = sorted(validator.iter_errors(item), key=lambda e: e.path)
         assert not errors, "%s %s %d does not match openapi.json: %s\n%r" % (
             method, path, resp.status, errors[0].message, item)
+
+
+class ApiServer:
+    """`python ctrlexec_api.py --config PATH` as a child process on 127.0.0.1:``port``.
+
+    ``start()`` returns once the log shows ACTION=api-start (a restart on the same log
+    only looks at what the new process wrote); ``stop()`` is SIGTERM with a bounded
+    wait, then SIGKILL. The log goes to ``log_path`` with CTRL_EXEC_LOG=stderr.
+    """
+
+    def __init__(self, conf_path: str, log_path: str, port: int) -> None:
+        self.conf_path = conf_path
+        self.log_path = log_path
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+
+    @classmethod
+    def for_fleet(cls, fleet, log_path: str, **conf) -> "ApiServer":
+        """An API for ``fleet`` on ``api_port`` (a free port unless given), plus ``conf`` keys."""
+        port = int(conf.pop("api_port", 0)) or free_port()
+        fleet.set_conf(api_port=port, **conf)
+        return cls(fleet.conf_path, log_path, port)
+
+    def start(self, timeout_s: float = API_WAIT_S) -> "ApiServer":
+        env = dict(os.environ, CTRL_EXEC_LOG="stderr")
+        env.pop("CTRL_EXEC_CONF", None)
+        with open(self.log_path, "ab") as log:
+            offset = log.tell()
+            self.proc = subprocess.Popen([sys.executable, API, "--config", self.conf_path],
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                         env=env, cwd=ROOT)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise AssertionError("API exited %s:\n%s" % (self.proc.returncode, self.log()))
+            with open(self.log_path, "rb") as fh:
+                fh.seek(offset)
+                if b"ACTION=api-start" in fh.read():
+                    return self
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError("API did not start within %.0fs:\n%s" % (timeout_s, self.log()))
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, bounded wait, then SIGKILL; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(API_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no graceful stop, nothing flushed)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def rss_kb(self) -> int:
+        """Resident set size of the API process (kB, from /proc)."""
+        with open("/proc/%d/status" % self.proc.pid) as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS for pid %d" % self.proc.pid)
+
+    def request(self, method: str, path: str, body=None, headers=None) -> tuple:
+        """One plain request checked against openapi.json; returns (status, parsed JSON)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=API_WAIT_S)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            conn.request(method, path, body=data, headers=dict(headers or {}))
+            resp = conn.getresponse()
+            raw = resp.read()
+            parsed = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, raw)
+            check_response(method, path.split("?")[0], parsed)
+            return resp.status, parsed.json
+        finally:
+            conn.close()

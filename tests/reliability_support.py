@@ -13,7 +13,6 @@ from __future__ import annotations
 
 __all__ = [
     "ROOT",
-    "API",
     "WAIT_S",
     "ApiProc",
     "Background",
@@ -37,14 +36,12 @@ import sys
 import threading
 import time
 
+from apitest_support import ApiServer
 from fleet import Fleet, free_port, wait_for  # noqa: F401 (re-exported to the reliability tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-API = os.path.join(ROOT, "ctrlexec_api.py")
 #: Upper bound of any single wait in the reliability tests (never a timing assertion).
 WAIT_S = 30.0
-#: How long an API child may take to print ACTION=api-start.
-API_START_S = 30.0
 
 
 class Background:
@@ -92,77 +89,8 @@ def build_fleet(root: str, names: list, scripts: dict, *, conf: dict | None = No
     return fleet
 
 
-class ApiProc:
-    """`python ctrlexec_api.py --config PATH` as a child process on 127.0.0.1:port."""
-
-    def __init__(self, fleet: Fleet, log_path: str, **conf) -> None:
-        self.fleet = fleet
-        self.log_path = log_path
-        self.port = int(conf.pop("api_port", 0)) or free_port()
-        fleet.set_conf(api_port=self.port, **conf)
-        self.proc: subprocess.Popen | None = None
-        self._offset = 0
-
-    # --- lifecycle ---
-
-    def start(self) -> "ApiProc":
-        env = dict(os.environ, CTRL_EXEC_LOG="stderr")
-        env.pop("CTRL_EXEC_CONF", None)
-        with open(self.log_path, "ab") as log:
-            self._offset = log.tell()
-            self.proc = subprocess.Popen([sys.executable, API, "--config", self.fleet.conf_path],
-                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                         env=env, cwd=ROOT)
-        end = time.monotonic() + API_START_S
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise AssertionError("API exited %s:\n%s" % (self.proc.returncode, self.log()))
-            with open(self.log_path, "rb") as fh:
-                fh.seek(self._offset)
-                if b"ACTION=api-start" in fh.read():
-                    return self
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError("API did not start within %.0fs:\n%s" % (API_START_S, self.log()))
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> int | None:
-        """SIGTERM, bounded wait, then SIGKILL; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL (a crash: no graceful stop, nothing flushed)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                return fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-    def rss_kb(self) -> int:
-        """Resident set size of the API process (kB, from /proc)."""
-        with open("/proc/%d/status" % self.proc.pid) as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS for pid %d" % self.proc.pid)
-
-    # --- requests ---
+class ApiProc(ApiServer):
+    """The API for a reliability fleet: ApiProc.for_fleet(fleet, log_path, **conf).start()."""
 
     def call(self, method: str, path: str, body=None, *, raw: bytes | None = None,
              headers: dict | None = None, timeout: float = WAIT_S) -> tuple:

@@ -34,7 +34,7 @@ import ctrlexec_agent as wire
 import ctrlexec_api
 import pki
 import store
-from apitest_support import SPEC, SPEC_PATH, call, check_response
+from apitest_support import SPEC, SPEC_PATH, ApiServer, call, check_response
 from fleet import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -736,43 +736,6 @@ def test_stream_ndjson_events_and_stored_like_sync(live):
 # ---------------------------------------------------------------------------
 
 
-class ApiProcess:
-    """`python ctrlexec_api.py --config PATH` as a child; stopped at teardown."""
-
-    def __init__(self, conf_path: str, log_path: str) -> None:
-        self.log_path = log_path
-        env = dict(os.environ, CTRL_EXEC_LOG="stderr")
-        env.pop("CTRL_EXEC_CONF", None)
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, API, "--config", conf_path],
-                                         stdout=log, stderr=log, env=env, cwd=ROOT)
-
-    def wait_listening(self, port: int) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail("API exited %s:\n%s" % (self.proc.returncode, self.log()))
-            with open(self.log_path, "rb") as fh:
-                if b"ACTION=api-start" in fh.read():
-                    return
-            time.sleep(0.05)
-        pytest.fail("API did not start:\n" + self.log())
-
-    def log(self) -> str:
-        with open(self.log_path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-
 @pytest.fixture
 def api_procs():
     procs = []
@@ -834,9 +797,9 @@ def test_https_api_process_end_to_end_and_old_tls_refused(fleet, api_procs, tmp_
     port = free_port()
     fleet.set_conf(api_port=port, api_cert=str(api_dir / "api.crt"),
                    api_key=str(api_dir / "api.key"))
-    proc = ApiProcess(fleet.conf_path, str(tmp_path / "api.log"))
+    proc = ApiServer(fleet.conf_path, str(tmp_path / "api.log"), port)
     api_procs.append(proc)
-    proc.wait_listening(port)
+    proc.start()
     ctx = ssl.create_default_context(cafile=cfg.ca)
     ctx.check_hostname = False
     status, body = checked("GET", "/health", https_request(port, ctx, "GET", "/health"))
@@ -885,9 +848,9 @@ def test_plain_api_process_graceful_stop_finishes_in_flight(fleet, api_procs, tm
     fleet.add_agent("web-01", scripts={"slow": "#!/bin/sh\nsleep 1\necho finished\n"})
     port = free_port()
     fleet.set_conf(api_port=port)
-    proc = ApiProcess(fleet.conf_path, str(tmp_path / "api.log"))
+    proc = ApiServer(fleet.conf_path, str(tmp_path / "api.log"), port)
     api_procs.append(proc)
-    proc.wait_listening(port)
+    proc.start()
     result = {}
 
     def client():
@@ -939,9 +902,9 @@ def closed_by_server(sock: socket.socket) -> bool:
 def test_keep_alive_only_on_request_and_every_answer_framed(fleet, api_procs, tmp_path):
     port = free_port()
     fleet.set_conf(api_port=port)
-    proc = ApiProcess(fleet.conf_path, str(tmp_path / "api.log"))
+    proc = ApiServer(fleet.conf_path, str(tmp_path / "api.log"), port)
     api_procs.append(proc)
-    proc.wait_listening(port)
+    proc.start()
 
     # Default: one request per connection, as the original API.
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
@@ -991,9 +954,9 @@ def test_idle_keep_alive_connection_is_closed_and_does_not_hold_a_stop(fleet, ap
                                                                        tmp_path):
     port = free_port()
     fleet.set_conf(api_port=port)
-    proc = ApiProcess(fleet.conf_path, str(tmp_path / "api.log"))
+    proc = ApiServer(fleet.conf_path, str(tmp_path / "api.log"), port)
     api_procs.append(proc)
-    proc.wait_listening(port)
+    proc.start()
     request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
 
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:

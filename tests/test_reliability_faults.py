@@ -75,7 +75,7 @@ def api(fleet, tmp_path):
     procs = []
 
     def start(**conf) -> ApiProc:
-        proc = ApiProc(fleet, str(tmp_path / "api.log"), **conf).start()
+        proc = ApiProc.for_fleet(fleet, str(tmp_path / "api.log"), **conf).start()
         procs.append(proc)
         return proc
 
@@ -373,7 +373,8 @@ def hook_env(tmp_path_factory):
     proc = None
     try:
         add_agent(fleet, "web-01", {"hello": "echo hi\n"})
-        proc = ApiProc(fleet, str(root / "api.log"), auth_hook=hook, auth_hook_timeout=1).start()
+        proc = ApiProc.for_fleet(fleet, str(root / "api.log"), auth_hook=hook,
+                                 auth_hook_timeout=1).start()
         yield proc, hook, pids
     finally:
         if proc is not None:

@@ -55,7 +55,7 @@ class Target:
         self.agent = self.fleet.add_agent(
             "web-01", scripts={"canary": CANARY % self.canary, "hello": "#!/bin/sh\necho hi\n"},
             conf_extra={"rate_limit_disable": 1, "request_timeout": AGENT_REQUEST_TIMEOUT_S})
-        self.api = ApiProc(self.fleet, os.path.join(self.root, "api.log")).start()
+        self.api = ApiProc.for_fleet(self.fleet, os.path.join(self.root, "api.log")).start()
         self.pairing = PairingProc(self.fleet, self.pairing_log,
                                    io_timeout_s=float(PAIRING_IO_TIMEOUT_S)).start()
         self.pairing_port = self.pairing.port

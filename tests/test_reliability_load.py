@@ -97,7 +97,7 @@ def load_fleet(tmp_path_factory):
 
 def test_concurrent_clients_overlapping_runs_no_5xx_records_stored_locks_hold(load_fleet,
                                                                               tmp_path):
-    api = ApiProc(load_fleet, str(tmp_path / "api.log")).start()
+    api = ApiProc.for_fleet(load_fleet, str(tmp_path / "api.log")).start()
     try:
         workers = [Worker(api, seed) for seed in range(CLIENTS)]
         started = time.monotonic()
@@ -184,7 +184,7 @@ def _drive(api: ApiProc, start: int, stop: int, clients: int = 8) -> collections
 
 
 def test_api_memory_after_2000_requests_within_20mb_of_after_200(load_fleet, tmp_path):
-    api = ApiProc(load_fleet, str(tmp_path / "api.log")).start()
+    api = ApiProc.for_fleet(load_fleet, str(tmp_path / "api.log")).start()
     try:
         first = _drive(api, 0, MEMORY_WARMUP)
         after_warmup = api.rss_kb()

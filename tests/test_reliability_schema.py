@@ -58,7 +58,7 @@ def live_api(tmp_path_factory):
     fleet = build_fleet(root, ["web-01", "web-02"], SCRIPTS, conf={"read_timeout": "20"})
     api = None
     try:
-        api = ApiProc(fleet, os.path.join(root, "api.log")).start()
+        api = ApiProc.for_fleet(fleet, os.path.join(root, "api.log")).start()
         yield api
     finally:
         if api is not None:

@@ -127,7 +127,7 @@ def ports(tmp_path_factory):
         (root / "api.crt").write_bytes(cert_pem)
         (root / "api.key").write_bytes(key_pem)
         os.chmod(str(root / "api.key"), 0o600)
-        api = ApiProc(fleet, str(root / "api.log"), api_cert=str(root / "api.crt"),
+        api = ApiProc.for_fleet(fleet, str(root / "api.log"), api_cert=str(root / "api.crt"),
                       api_key=str(root / "api.key")).start()
         pairing = PairingProc(fleet, str(root / "pairing.log")).start()
         control = ControlServer(str(root / "api.crt"), str(root / "api.key"))

@@ -12,7 +12,6 @@ import time
 import pytest
 
 import config
-import ctrlexec_agent as wire
 import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,12 +15,9 @@ import http.client
 import json
 import os
 import re
-import signal
 import socket
 import ssl
 import struct
-import subprocess
-import sys
 import time
 
 import jsonschema
@@ -28,11 +25,9 @@ import pytest
 
 import ctrlexec_agent as wire
 import pki
-from apitest_support import SPEC, Response, check_response
-from fleet import free_port, wait_for
+from apitest_support import SPEC, ApiServer
+from fleet import wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-API = os.path.join(ROOT, "ctrlexec_api.py")
 #: Upper bound for any wait in these tests (never a timing assertion).
 WAIT_S = 30.0
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -65,67 +60,15 @@ STREAM_EVENT = dict(SPEC["components"]["schemas"]["StreamEvent"], components=SPE
 # ---------------------------------------------------------------------------
 
 
-class ApiProcess:
-    """`python ctrlexec_api.py --config PATH` on a free port; stopped at teardown."""
-
-    def __init__(self, fleet, log_path: str) -> None:
-        self.port = free_port()
-        fleet.set_conf(api_port=self.port)
-        self.log_path = log_path
-        env = dict(os.environ, CTRL_EXEC_LOG="stderr")
-        env.pop("CTRL_EXEC_CONF", None)
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, API, "--config", fleet.conf_path],
-                                         stdout=log, stderr=log, env=env, cwd=ROOT)
-        deadline = time.monotonic() + WAIT_S
-        while b"ACTION=api-start" not in self._read_log():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail("API did not start:\n" + self.log())
-            time.sleep(0.05)
-
-    def _read_log(self) -> bytes:
-        with open(self.log_path, "rb") as fh:
-            return fh.read()
-
-    def log(self) -> str:
-        return self._read_log().decode("utf-8", "replace")
-
-    def request(self, method: str, path: str, body=None, headers=None) -> tuple:
-        """One plain request; returns (status, parsed JSON body)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers=dict(headers or {}))
-            resp = conn.getresponse()
-            raw = resp.read()
-            parsed = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, raw)
-            check_response(method, path, parsed)
-            return resp.status, parsed.json
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @pytest.fixture
 def api(fleet, tmp_path):
-    """Start the API for the fleet: api(**ctrl-exec.conf keys) -> ApiProcess."""
+    """Start the API for the fleet: api(**ctrl-exec.conf keys) -> ApiServer."""
     started = []
 
-    def start(**conf) -> ApiProcess:
-        if conf:
-            fleet.set_conf(**conf)
-        proc = ApiProcess(fleet, str(tmp_path / ("api-%d.log" % len(started))))
+    def start(**conf) -> ApiServer:
+        proc = ApiServer.for_fleet(fleet, str(tmp_path / ("api-%d.log" % len(started))), **conf)
         started.append(proc)
-        return proc
+        return proc.start()
 
     yield start
     for proc in started:
