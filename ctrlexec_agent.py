@@ -41,7 +41,6 @@ import argparse
 import codecs
 import collections
 import datetime
-import errno
 import fcntl
 import hashlib
 import ipaddress
