@@ -245,6 +245,17 @@ def _handshake_step(tls, side: str, spent: collections.Counter) -> bool:
         spent[side] += time.thread_time() - started
 
 
+def _send_and_read(tls, request: bytes) -> bytes:
+    """Send one request and read the answer to the end (the agent closes after it)."""
+    tls.sendall(request)
+    answer = b""
+    while True:
+        chunk = tls.recv(65536)
+        if not chunk:
+            return answer
+        answer += chunk
+
+
 def _serial_requests(client_ctx, address: tuple, request: bytes, count: int, pid: int) -> dict:
     """``count`` requests one after the other, resuming; the server process's CPU per request."""
     session = None
@@ -254,13 +265,7 @@ def _serial_requests(client_ctx, address: tuple, request: bytes, count: int, pid
         started = time.perf_counter()
         with socket.create_connection(address, timeout=30) as sock:
             with client_ctx.wrap_socket(sock, session=session) as tls:
-                tls.sendall(request)
-                answer = b""
-                while True:
-                    chunk = tls.recv(65536)
-                    if not chunk:
-                        break
-                    answer += chunk
+                answer = _send_and_read(tls, request)
                 if not tls.session_reused:
                     session = tls.session
         latencies.append(time.perf_counter() - started)
@@ -297,13 +302,7 @@ def _dispatcher_child(root: str, hosts: int, max_parallel: int, repeat: int) -> 
             sock.connect(key)
             tls = ctx.wrap_socket(sock, session=sessions.get(key))
             try:
-                tls.sendall(request)
-                answer = b""
-                while True:
-                    chunk = tls.recv(65536)
-                    if not chunk:
-                        break
-                    answer += chunk
+                answer = _send_and_read(tls, request)
                 if not tls.session_reused:
                     sessions[key] = tls.session
             finally:

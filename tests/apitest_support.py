@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -236,3 +237,25 @@ class ApiServer:
             return resp.status, parsed.json
         finally:
             conn.close()
+
+
+def read_http_response(sock: socket.socket) -> tuple:
+    """One response off a raw socket, framed by Content-Length: (status, headers, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed before a full response head: %r" % data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the body"
+        body += chunk
+    assert len(body) == length, "more bytes than Content-Length: %r" % body[length:]
+    return int(lines[0].split()[1]), headers, body

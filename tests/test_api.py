@@ -34,7 +34,8 @@ import ctrlexec_agent as wire
 import ctrlexec_api
 import pki
 import store
-from apitest_support import SPEC, SPEC_PATH, ApiServer, call, check_response
+from apitest_support import (SPEC, SPEC_PATH, ApiServer, call, check_response,
+                             read_http_response)
 from fleet import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -866,28 +867,6 @@ def test_plain_api_process_graceful_stop_finishes_in_flight(fleet, api_procs, tm
     assert status == 200 and body["results"][0]["stdout"] == "finished\n"
     assert result["resp"][1]["connection"] == "close"       # one request per connection
     assert proc.proc.wait(WAIT_S) == 0
-
-
-def read_http_response(sock: socket.socket) -> tuple:
-    """One response off a raw socket, framed by Content-Length: (status, headers, body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed before a full response head: %r" % data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers["content-length"])
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed inside the body"
-        body += chunk
-    assert len(body) == length, "more bytes than Content-Length: %r" % body[length:]
-    return int(lines[0].split()[1]), headers, body
 
 
 def closed_by_server(sock: socket.socket) -> bool:

@@ -25,7 +25,7 @@ import pytest
 
 import ctrlexec_agent as wire
 import pki
-from apitest_support import SPEC, ApiServer
+from apitest_support import SPEC, ApiServer, read_http_response
 from fleet import wait_for
 
 #: Upper bound for any wait in these tests (never a timing assertion).
@@ -152,14 +152,8 @@ class WsClient:
         """GET /health with Connection: keep-alive on this connection; the answer must keep it."""
         self.sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                           b"Connection: keep-alive\r\n\r\n")
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += self.sock.recv(1)       # byte by byte: nothing past the answer is read
-        head = data.decode("latin-1").lower()
-        assert head.startswith("http/1.1 200") and "connection: keep-alive" in head, head
-        length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
-        while length:
-            length -= len(self.sock.recv(length))
+        status, headers, _ = read_http_response(self.sock)
+        assert (status, headers["connection"]) == (200, "keep-alive"), headers
 
     def send(self, message, opcode: int = 0x1) -> None:
         """Send a dict as JSON (or bytes as they are) in one masked frame."""
