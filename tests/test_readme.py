@@ -106,3 +106,18 @@ def test_readme_cli_tour_works_against_the_demo(demo):
                           timeout=120, env=dict(os.environ, PATH=os.environ["PATH"]))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "demo-1" in done.stdout and "demo-2" in done.stdout
+
+
+def test_ci_runs_the_readme_setup_line_and_test_command_in_a_fresh_venv():
+    """.ci/run does what a newcomer does: the README's venv set-up line, then its test command."""
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    setup = _block("setup").strip()
+    assert setup.startswith("python3 -m venv .venv && . .venv/bin/activate && pip install")
+    ci_lines = [line.strip() for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+    setup_in_ci = [line for line in ci_lines if "-m venv" in line]
+    assert setup_in_ci, ".ci/run builds no virtualenv"
+    # the same line, with only pip's quiet flag and venv's --clear (a fresh venv every run) added
+    assert setup_in_ci[0].replace(" --clear", "").replace(" -q", "") == setup
+    test_command = [line.split("#")[0].strip() for line in _block("commands").splitlines()
+                    if "pytest" in line][0]
+    assert ci_lines[-1] == test_command
