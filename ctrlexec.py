@@ -41,11 +41,12 @@ from typing import Any, Callable, Optional
 
 import ujson
 
-import auth
 import config as config_mod
 import ctrlexec_agent as wire
 import engine as engine_mod
+import pairing
 import pki
+import service as service_mod
 import store as store_mod
 
 # --- constants -------------------------------------------------------------------------
@@ -60,8 +61,6 @@ EXIT_LOCKED = 4
 EXIT_INTERRUPTED = 130
 #: The CLI runs on the control host itself: the auth hook sees this as the source.
 CLI_SOURCE_IP = "127.0.0.1"
-#: Most script arguments accepted (the same bound as the API's "args").
-MAX_ARGS = 256
 WAIT_TIMEOUT_S = 300
 #: How often `wait` re-reads and re-aggregates a run.
 WAIT_POLL_S = 2.0
@@ -131,7 +130,10 @@ def main(argv: Optional[list] = None) -> int:
             cfg = config_mod.load(args.config)
         except config_mod.ConfigError as exc:
             raise CliError(str(exc), code=EXIT_USAGE, error="config error") from None
-        return args.handler(_Context(cfg, args))
+        try:
+            return args.handler(_Context(cfg, args))
+        except (service_mod.ServiceError, store_mod.StoreError, engine_mod.EngineError) as exc:
+            raise _outcome_error(exc) from None
     except CliError as exc:
         return _report_error(args, exc)
     except KeyboardInterrupt:
@@ -149,6 +151,7 @@ class _Context:
         self.args = args
         self.json = bool(args.json)
         self._store = None
+        self._service = None
 
     @property
     def store(self) -> Any:
@@ -183,18 +186,31 @@ class _Context:
             token = os.environ.get(TOKEN_ENV, "")
         return username, token
 
-    def authorise(self, action: str, **context: Any) -> None:
-        """auth.check as the CLI (source 127.0.0.1); CliError(3) "Denied: ..." on denial."""
+    def service(self) -> Any:
+        """service.Service for the CLI; the engine is built only when an agent is asked."""
+        if self._service is None:
+            self._service = service_mod.Service(
+                self.cfg, self.store, _LazyEngine(self.engine), caller="cli",
+                warn=lambda text: sys.stderr.write("warning: %s\n" % text))
+        return self._service
+
+    def request(self, **fields: Any) -> dict:
+        """A request in the API's body shape, with the CLI's credentials added."""
         username, token = self.credentials()
-        decision = auth.check(self.cfg, action=action, source_ip=CLI_SOURCE_IP, caller="cli",
-                              username=username, token=token, **context)
-        if decision.allowed:
-            return
-        reason = decision.error + (" (%s)" % decision.detail if decision.detail else "")
-        body = {"ok": False, "error": decision.error, "code": decision.code}
-        if decision.detail:
-            body["detail"] = decision.detail
-        raise CliError("Denied: %s" % reason, code=EXIT_DENIED, body=body)
+        return dict(fields, username=username, token=token)
+
+
+class _LazyEngine:
+    """An engine built on first use: commands that ask no agent need no dispatcher identity."""
+
+    def __init__(self, build: Callable) -> None:
+        self._build = build
+        self._engine = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._engine is None:
+            self._engine = self._build()
+        return getattr(self._engine, name)
 
 
 # --- argument parsing ---
@@ -253,6 +269,14 @@ def _add_credentials(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", metavar="T", default=None,
                         help="token for the auth hook (default: $%s; prefer the variable, "
                              "command lines are visible to other local users)" % TOKEN_ENV)
+
+
+def _integer(text: str) -> int:
+    """argparse type: an integer (any sign; the service checks the range)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an integer" % text) from None
 
 
 def _positive_int(text: str) -> int:
@@ -337,7 +361,8 @@ def _build_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--follow", action="store_true",
                         help="print output lines as they arrive (with --json: NDJSON events, "
                              "then a final \"done\" event)")
-    parser.add_argument("--timeout", type=_positive_int, default=None,
+    # An integer here; whether it is a valid run timeout is service.validate_run's word.
+    parser.add_argument("--timeout", type=_integer, default=None,
                         help="seconds after which the agent kills the script")
     _add_credentials(parser)
 
@@ -406,13 +431,13 @@ def _cmd_pairing_mode(ctx: _Context) -> int:
     """pairing-mode: run the pairing listener in the foreground."""
     args = ctx.args
     timeout = args.timeout if args.timeout is not None else ctx.cfg.pairing_timeout
-    return _pki_call(pki.run_pairing_mode, ctx.cfg, ctx.store.registry, port=args.port,
+    return _pki_call(pairing.run_pairing_mode, ctx.cfg, ctx.store.registry, port=args.port,
                      timeout=timeout, bind=args.bind, interactive=sys.stdin.isatty())
 
 
 def _cmd_list_requests(ctx: _Context) -> int:
     """list-requests: pending pairing requests, oldest first."""
-    rows = _pki_call(pki.list_requests, ctx.cfg)
+    rows = _pki_call(pairing.list_requests, ctx.cfg)
     if ctx.json:
         _print_json(rows)
         return EXIT_OK
@@ -429,7 +454,7 @@ def _cmd_approve(ctx: _Context) -> int:
     """approve REQID: sign the queued CSR and register the agent."""
     args = ctx.args
     _require_pending(ctx, args.reqid)
-    record = _pki_call(pki.approve, ctx.cfg, ctx.store.registry, args.reqid,
+    record = _pki_call(pairing.approve, ctx.cfg, ctx.store.registry, args.reqid,
                        lookup_by=args.lookup_by, ip=args.ip, agent_port=args.agent_port)
     if ctx.json:
         _print_json({"ok": True, "reqid": args.reqid, "agent": record})
@@ -443,7 +468,7 @@ def _cmd_approve(ctx: _Context) -> int:
 def _cmd_deny(ctx: _Context) -> int:
     """deny REQID: refuse a queued pairing request."""
     _require_pending(ctx, ctx.args.reqid)
-    _pki_call(pki.deny, ctx.cfg, ctx.args.reqid)
+    _pki_call(pairing.deny, ctx.cfg, ctx.args.reqid)
     if ctx.json:
         _print_json({"ok": True, "reqid": ctx.args.reqid, "status": "denied"})
     else:
@@ -517,81 +542,51 @@ def _cmd_unpair(ctx: _Context) -> int:
 def _cmd_run(ctx: _Context) -> int:
     """run HOST... SCRIPT [-- ARGS...]: sync (locks held), --follow, or --async."""
     args = ctx.args
-    hosts, script, script_args = _validate_run(ctx)
     if args.async_ and args.follow:
         raise _usage("--async and --follow cannot be combined (use one of them)")
-    username, token = ctx.credentials()
-    reqid = wire.new_reqid()
-    ctx.authorise("run", script=script, hosts=hosts, args=script_args, reqid=reqid)
-    st = ctx.store
-    engine = ctx.engine()
-    targets = st.registry.resolve(hosts)
-    # Locks key on the registry name, so "web-01" and "web-01:7450" conflict;
-    # unregistered names are never dialled and need no lock.
-    names = list(dict.fromkeys(t.name for t in targets if t.address is not None))
-    try:
-        held = st.locks.hold(names, script)
-    except store_mod.LockConflict as exc:
-        raise CliError("Locked: already running: %s"
-                       % ", ".join("%s:%s" % (n, script) for n in exc.conflicts),
-                       code=EXIT_LOCKED, body={"ok": False, "error": "locked",
-                                               "code": EXIT_LOCKED,
-                                               "conflicts": list(exc.conflicts)})
-    mode = "async" if args.async_ else "sync"
-    wire.log_action("info", "dispatch", script=script, hosts=len(hosts), reqid=reqid,
-                    mode="follow" if args.follow else mode, user=username or "(none)",
-                    peer=CLI_SOURCE_IP)
-    dispatch = dict(script=script, args=script_args, reqid=reqid, username=username,
-                    token=token, timeout=args.timeout)
-    submitter = {"username": username, "source_ip": CLI_SOURCE_IP}
+    words = args.words
+    if len(words) < 2:
+        raise _usage("run needs at least one HOST and then a SCRIPT: "
+                     "run HOST... SCRIPT [-- ARGS...]")
+    fields = {"hosts": words[:-1], "script": words[-1], "args": list(args.script_args),
+              "async": bool(args.async_)}
+    if args.timeout is not None:
+        fields["timeout"] = args.timeout
+    req = service_mod.validate_run(ctx.request(**fields), max_hosts=ctx.cfg.max_hosts)
+    mode = "async" if args.async_ else "follow" if args.follow else "sync"
+    runs = ctx.service()
+    plan = runs.plan_run(req, source_ip=CLI_SOURCE_IP, mode=mode)
+    if args.async_:
+        return _print_async_submit(ctx, plan.reqid, runs.submit(plan))
     follower = _Follower(json_lines=ctx.json) if args.follow else None
     progress = None
-    if follower is None and not args.async_ and len(targets) > 1 and _isatty(sys.stderr):
-        progress = _Progress(len(targets))
+    if follower is None and len(plan.hosts) > 1 and _isatty(sys.stderr):
+        progress = _Progress(len(plan.hosts))
+    listener = follower or progress
     try:
-        if args.async_:
-            results = engine.dispatch_all(targets, async_=True, **dispatch)
-        elif follower is not None:
-            results = engine.dispatch_all(targets, on_event=follower.event, **dispatch)
-        elif progress is not None:
-            results = engine.dispatch_all(targets, on_event=progress.event, **dispatch)
-        else:
-            results = engine.dispatch_all(targets, **dispatch)
+        results = runs.run(plan, on_event=listener.event if listener is not None else None)
     finally:
-        held.release()
         if progress is not None:
             progress.clear()
-    if args.async_:
-        _save(st, store_mod.async_record(reqid=reqid, script=script, hosts=hosts,
-                                         results=results, submitter=submitter))
-        return _print_async_submit(ctx, reqid, results)
-    _save(st, store_mod.sync_record(reqid=reqid, script=script, hosts=hosts, results=results,
-                                    submitter=submitter))
     ok = all(_row_ok(row) for row in results)
-    wire.log_action("info", "run-done", reqid=reqid, script=script, hosts=len(results),
-                    ok=sum(1 for row in results if _row_ok(row)),
-                    failed=sum(1 for row in results if not _row_ok(row)))
     if follower is not None:
         follower.flush()
     if ctx.json:
-        body = {"ok": ok, "reqid": reqid, "results": results}
+        body = {"ok": ok, "reqid": plan.reqid, "results": results}
         if follower is not None:
             _out(_json_text(dict({"event": "done"}, **body), pretty=False))
         else:
             _print_json(body)
     else:
         for row in results:
-            _print_run_row(row, reqid, with_output=follower is None)
+            _print_run_row(row, plan.reqid, with_output=follower is None)
     return EXIT_OK if ok else EXIT_FAILED
 
 
 def _cmd_ping(ctx: _Context) -> int:
     """ping HOST...: table HOST/STATUS/RTT/CERT EXPIRY/VERSION."""
-    hosts = _validate_hosts(ctx, ctx.args.hosts)
-    reqid = wire.new_reqid()
-    ctx.authorise("ping", hosts=hosts, reqid=reqid)
-    engine = ctx.engine()
-    results = engine.ping_all(ctx.store.registry.resolve(hosts), reqid=reqid)
+    req = service_mod.validate_ping(ctx.request(hosts=ctx.args.hosts), max_hosts=ctx.cfg.max_hosts)
+    reqid, results = ctx.service().ping(req, source_ip=CLI_SOURCE_IP)
     ok = all(row.get("status") == "ok" for row in results)
     if ctx.json:
         _print_json({"ok": ok, "reqid": reqid, "results": results})
@@ -607,19 +602,15 @@ def _cmd_ping(ctx: _Context) -> int:
 
 def _cmd_discovery(ctx: _Context) -> int:
     """discovery [HOST...]: scripts and tags per agent; caches tags in the registry."""
-    given = _validate_hosts(ctx, ctx.args.hosts) if ctx.args.hosts else []
-    ctx.authorise("ping", hosts=given)
-    registry = ctx.store.registry
-    entries = given or registry.names()
-    if not entries:
+    body = ctx.request(hosts=ctx.args.hosts) if ctx.args.hosts else ctx.request()
+    req = service_mod.validate_discovery(body, max_hosts=ctx.cfg.max_hosts)
+    out = ctx.service().discovery(req, source_ip=CLI_SOURCE_IP)
+    if not out:
         if ctx.json:
             _print_json({"ok": True, "hosts": {}})
         else:
             _out("no agents registered")
         return EXIT_OK
-    engine = ctx.engine()
-    targets = registry.resolve(entries)
-    out = engine.discovery_all(targets, registry)
     ok = all(row.get("status") == "ok" for row in out.values())
     if ctx.json:
         _print_json({"ok": ok, "hosts": out})
@@ -727,32 +718,6 @@ def _usage(message: str) -> CliError:
     return CliError(message, code=EXIT_USAGE, error="bad request")
 
 
-def _validate_run(ctx: _Context) -> tuple:
-    """(hosts, script, args) of a run, checked in the API's order; CliError(2) if bad."""
-    words = ctx.args.words
-    if len(words) < 2:
-        raise _usage("run needs at least one HOST and then a SCRIPT: "
-                     "run HOST... SCRIPT [-- ARGS...]")
-    hosts = _validate_hosts(ctx, words[:-1])
-    script = words[-1]
-    if not wire.SCRIPT_NAME_RE.fullmatch(script):
-        raise _usage("script name required (letters, digits, '_' and '-' only), got %r "
-                     "(the script is the last word before --)" % script[:80])
-    if len(ctx.args.script_args) > MAX_ARGS:
-        raise _usage("too many script arguments (max %d)" % MAX_ARGS)
-    return hosts, script, list(ctx.args.script_args)
-
-
-def _validate_hosts(ctx: _Context, hosts: list) -> list:
-    """Non-empty host entries, duplicates collapsed (order kept), at most max_hosts."""
-    if not hosts or not all(isinstance(h, str) and h for h in hosts):
-        raise _usage("hosts must be a non-empty list of host names")
-    hosts = list(dict.fromkeys(hosts))
-    if len(hosts) > ctx.cfg.max_hosts:
-        raise _usage("too many hosts (max %d)" % ctx.cfg.max_hosts)
-    return hosts
-
-
 def _parse_tags(text: str) -> dict:
     """"role=web,env=prod" -> {"role": "web", "env": "prod"}; CliError(2) when malformed."""
     tags = {}
@@ -770,16 +735,16 @@ def _parse_tags(text: str) -> dict:
 
 
 def _pki_call(func: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Call a pki function; its PKIError becomes a one-line usage / config error (exit 2)."""
+    """Call a pki or pairing function; PKIError / PairingError becomes a one-line exit-2 error."""
     try:
         return func(*args, **kwargs)
-    except pki.PKIError as exc:
+    except (pki.PKIError, pairing.PairingError) as exc:
         raise CliError(str(exc), code=EXIT_USAGE, error="pki error") from None
 
 
 def _require_pending(ctx: _Context, reqid: str) -> None:
     """An unknown pairing reqid is "not found" (exit 1), not a usage error."""
-    ids = {row.get("id") for row in _pki_call(pki.list_requests, ctx.cfg)}
+    ids = {row.get("id") for row in _pki_call(pairing.list_requests, ctx.cfg)}
     if reqid not in ids:
         raise CliError("no pending pairing request %s (see `%s list-requests`)" % (reqid, PROG),
                        error="not found")
@@ -787,38 +752,30 @@ def _require_pending(ctx: _Context, reqid: str) -> None:
 
 # --- helpers: run records ---
 
-def _save(st: Any, record: dict) -> None:
-    """Store a run record; a failed write is reported, never fatal (reference §5.4)."""
-    try:
-        st.runs.save(record)
-    except store_mod.StoreError as exc:
-        wire.log_action("err", "run-store-fail", reqid=record.get("reqid", ""), error=str(exc))
-        sys.stderr.write("warning: run %s was not stored: %s\n" % (record.get("reqid"), exc))
-
-
-def _load_record(ctx: _Context, reqid: str) -> dict:
-    """The stored record of reqid; CliError(1) when absent, expired or unreadable."""
-    try:
-        record = ctx.store.runs.load(reqid)
-    except store_mod.CorruptRecord as exc:
-        wire.log_action("err", "run-store-fail", reqid=reqid, error=str(exc))
-        raise CliError("the stored record for reqid %s is unreadable: %s" % (reqid, exc),
-                       error="corrupt record") from None
-    except store_mod.StoreError as exc:
-        raise _usage(str(exc)) from None
-    if record is None:
-        raise CliError("no result for reqid %s" % reqid, error="not found")
-    return record
-
-
 def _refreshed_record(ctx: _Context, reqid: str) -> dict:
-    """Load reqid; a pending async record is aggregated from the agents and saved back."""
-    record = _load_record(ctx, reqid)
-    if record.get("mode") == "async" and not record.get("complete"):
-        engine = ctx.engine()
-        record = engine.refresh_async(record, ctx.store.registry)
-        _save(ctx.store, record)
-    return record
+    """The stored record of reqid (action status); a pending async run is aggregated first."""
+    username, token = ctx.credentials()
+    return ctx.service().status(reqid, source_ip=CLI_SOURCE_IP, token=token, username=username)
+
+
+def _outcome_error(exc: Exception) -> CliError:
+    """The CLI's answer to a service outcome: one line and the exit code of SPEC §7."""
+    if isinstance(exc, service_mod.BadRequest):
+        return _usage(exc.detail)
+    if isinstance(exc, service_mod.Denied):
+        return CliError("Denied: %s" % exc, code=EXIT_DENIED, body=exc.body)
+    if isinstance(exc, store_mod.LockConflict):
+        return CliError("Locked: already running: %s"
+                        % ", ".join("%s:%s" % (name, exc.script) for name in exc.conflicts),
+                        code=EXIT_LOCKED, body={"ok": False, "error": "locked",
+                                                "code": EXIT_LOCKED, "conflicts": list(exc.conflicts)})
+    if isinstance(exc, service_mod.NotFound):
+        return CliError(exc.detail, error="not found")
+    if isinstance(exc, store_mod.CorruptRecord):
+        return CliError(str(exc), error="corrupt record")
+    if isinstance(exc, service_mod.RunNotTracked):
+        return CliError(str(exc), error="not tracked")
+    return CliError(str(exc), code=EXIT_USAGE, error="config error")
 
 
 def _record_rows(record: dict) -> list:

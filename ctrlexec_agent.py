@@ -34,7 +34,7 @@ __all__ = [
     "insecure_client_context", "json_bytes", "read_request", "encode_request",
     "encode_response", "read_response_head", "read_response", "utc_timestamp",
     "openssl_date", "atomic_write", "setup_logging", "log_action",
-    "run_auth_hook", "main",
+    "run_auth_hook", "RateLimiter", "main",
 ]
 
 import argparse
@@ -394,11 +394,16 @@ def openssl_date(moment: datetime.datetime) -> str:
         _MONTHS[moment.month - 1], moment.day, moment.hour, moment.minute, moment.second, moment.year)
 
 
-def atomic_write(path: str, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
+def atomic_write(path: str, data: bytes, mode: int, *, overwrite: bool = True,
+                 sync_dir: bool = False) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename.
 
-    The temp file is created with ``mode`` from the start, so a private key
-    is never readable by others, not even for an instant.
+    The temp file is created private (0600, ``O_EXCL``) and set to ``mode``
+    before any byte is written, so a private key is never readable by others,
+    not even for an instant.  ``overwrite=False`` links the file into place
+    instead of replacing, so of two concurrent writers only one can win.
+    ``sync_dir`` also fsyncs the folder, so the rename itself survives a crash.
+    Raises: OSError (``FileExistsError`` when overwrite=False and path exists).
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
@@ -408,12 +413,17 @@ def atomic_write(path: str, data: bytes, mode: int) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Clean-up only; the error propagates unchanged.
-        if os.path.exists(tmp):
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        # Clean-up only (the temp name is left over after a link or an error);
+        # an error propagates unchanged.
+        if os.path.lexists(tmp):
             os.unlink(tmp)
-        raise
+    if sync_dir:
+        _fsync_dir(folder)
 
 
 _log_state = {"ident": "ctrl-exec", "syslog": False, "stderr_min": 6}
@@ -558,6 +568,20 @@ def _hook_env(payload: dict) -> dict:
         "ENVEXEC_SUBMITTER": str(submitter.get("username", "") or "") if isinstance(submitter, dict) else "",
         "ENVEXEC_SUBMITTER_IP": str(submitter.get("source_ip", "") or "") if isinstance(submitter, dict) else "",
     }
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename durable; a failure is not fatal (some filesystems refuse)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _apply_tls_policy(ctx: ssl.SSLContext) -> None:
@@ -1236,18 +1260,20 @@ class RateLimiter:
             entry = self.table.get(ip)
             return entry is None or entry["blocked_until"] <= now
 
-    def count_untrusted(self, ip: str) -> None:
+    def count_untrusted(self, ip: str) -> bool:
         """Count a connection that did not authenticate as a trusted dispatcher.
 
         Counted after the handshake, not at accept: the volume limit is there
         for floods and strangers, and a burst of parallel runs from the
         control host (more in flight than ``limit``) must never lock it out.
+        The pairing port, where every client is a stranger, counts at accept.
+        Returns: True when this connection tripped the limit (``ip`` is now blocked).
         """
         if self.disabled:
-            return
+            return False
         now = time.monotonic()
         with self.lock:
-            self._hit(ip, self._entry(ip, now), "conns", self.volume, now, "volume")
+            return self._hit(ip, self._entry(ip, now), "conns", self.volume, now, "volume")
 
     def record_failure(self, ip: str) -> None:
         """Count a failed TLS handshake: a probe, and an untrusted connection."""

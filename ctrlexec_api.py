@@ -19,14 +19,10 @@ from gevent import monkey; monkey.patch_all()  # noqa: E402,E702
 
 __all__ = [
     "ApiError",
-    "BadRequest",
     "StartError",
     "MAX_BODY_BYTES",
+    "ERRORS",
     "make_app",
-    "parse_body",
-    "validate_run",
-    "validate_ping",
-    "validate_discovery",
     "serve",
     "main",
 ]
@@ -56,20 +52,18 @@ from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 import ujson
 
-import auth
 import config as config_mod
 import ctrlexec_agent as wire
 import demo
+import service as service_mod
 import store as store_mod
-from engine import Engine
+from engine import Engine, EngineError
 
 ###############################################################################
 # Constants ###################################################################
 ###############################################################################
 
 MAX_BODY_BYTES = wire.MAX_BODY_BYTES
-#: Most items accepted in a run's "args" array.
-MAX_ARGS = 256
 #: Accepted /status path parameter (the run store's 16-hex reqids and older 8-hex ones).
 STATUS_REQID_RE = re.compile(r"[a-f0-9]{8,64}")
 #: Socket timeout for one client read or write (slowloris guard; also bounds TLS handshakes).
@@ -109,9 +103,6 @@ WS_CLOSE_WAIT_S = 2.0
 #: WebSocket close status "normal closure" (RFC 6455 §7.4.1).
 WS_CLOSE_NORMAL = 1000
 
-HOSTS_DETAIL = "hosts must be a non-empty array of host names"
-SCRIPT_DETAIL = "script name required (letters, digits, '_' and '-' only)"
-ARGS_DETAIL = "args must be an array of strings"
 
 #: GET / lists these, in this order (seed "GET /").
 ENDPOINTS = (
@@ -157,14 +148,6 @@ class ApiError(Exception):
         self.body = body
 
 
-class BadRequest(ApiError):
-    """400 {"ok":false,"error":"bad request","detail":<what was wrong, what is accepted>}."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(400, {"ok": False, "error": "bad request", "detail": detail})
-        self.detail = detail
-
-
 class StartError(Exception):
     """The server cannot start; str() is the one line printed before exit 2."""
 
@@ -188,8 +171,9 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
         store = store_mod.open_store(cfg)
     if engine is None:
         engine = Engine.from_config(cfg)
-    app = _ApiApp(cfg)
-    api = _Handlers(cfg, store, engine)
+    runs = service_mod.Service(cfg, store, engine, caller="api", write=_off_hub)
+    app = _ApiApp(cfg, runs)
+    api = _Handlers(cfg, runs)
     app.route("/", "GET", _endpoint(api.index))
     app.route("/health", "GET", _endpoint(api.health))
     app.route("/ping", "POST", _endpoint(api.ping))
@@ -208,149 +192,92 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
     return app
 
 
-###############################################################################
-# Request validation (pure; SPEC §6 order) ####################################
-###############################################################################
+class _ApiApp(bottle.Bottle):
+    """bottle.Bottle plus the steps every request takes before routing.
 
-#: Parsed-body sentinels: no body at all / a body that is not valid JSON.
-NO_BODY = object()
-INVALID_JSON = object()
-
-
-def parse_body(raw: bytes) -> Any:
-    """Decode a request body: NO_BODY when empty, INVALID_JSON when not JSON, else the value."""
-    if not raw or not raw.strip():
-        return NO_BODY
-    try:
-        return ujson.loads(raw)
-    except (ValueError, OverflowError, RecursionError):
-        return INVALID_JSON
-
-
-def validate_run(body: Any, *, max_hosts: int) -> dict:
-    """Validate a POST /run body.
-
-    Returns: {"hosts": [..deduplicated, in order..], "script", "args": [...], "username",
-        "token", "async": bool, "stream": bool, "timeout": int | None}.
-    Raises: BadRequest(detail) with the SPEC's exact detail text, checks in SPEC order.
+    Order: concurrency slot (503) -> body read under 1 MiB (413) -> the `api` auth
+    gate (403) -> bottle routing. Logs one api-request line when the response ends.
     """
-    obj = _require_object(body)
-    hosts = _validate_hosts(obj, max_hosts=max_hosts)
-    script = obj.get("script")
-    if not isinstance(script, str) or not wire.SCRIPT_NAME_RE.fullmatch(script):
-        raise BadRequest(SCRIPT_DETAIL)
-    args = obj.get("args")
-    if args is None:
-        args = []
-    if (not isinstance(args, list) or len(args) > MAX_ARGS
-            or not all(_is_text(a) and "\x00" not in a for a in args)):
-        # NUL cannot cross execve; a lone surrogate (JSON "\ud800") cannot be UTF-8 encoded.
-        raise BadRequest(ARGS_DETAIL)
-    username, token = _validate_credentials(obj)
-    flags = {}
-    for field in ("async", "stream"):
-        value = obj.get(field, False)
-        if field in obj and not isinstance(value, bool):
-            raise BadRequest("%s must be a boolean" % field)
-        flags[field] = value
-    timeout = obj.get("timeout")
-    if isinstance(timeout, float) and timeout.is_integer():
-        # JSON Schema's "integer" includes 30.0; the agents get the int.
-        timeout = int(timeout)
-    if "timeout" in obj and (isinstance(timeout, bool) or not isinstance(timeout, int)
-                             or timeout <= 0):
-        raise BadRequest("timeout must be a positive integer")
-    if flags["async"] and flags["stream"]:
-        raise BadRequest("async and stream cannot be combined (use one of them)")
-    return {"hosts": hosts, "script": script, "args": list(args), "username": username,
-            "token": token, "async": flags["async"], "stream": flags["stream"],
-            "timeout": timeout}
 
+    def __init__(self, cfg: Any, runs: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        self.runs = runs
+        self.slots = gevent.lock.BoundedSemaphore(max(1, int(cfg.api_max_children)))
 
-def validate_ping(body: Any, *, max_hosts: int) -> dict:
-    """Validate a POST /ping body.
+    def wsgi(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        started = time.monotonic()
+        seen = {"status": 0}
 
-    Returns: {"hosts": [...], "username": str, "token": str}.
-    Raises: BadRequest(detail).
-    """
-    obj = _require_object(body)
-    hosts = _validate_hosts(obj, max_hosts=max_hosts)
-    username, token = _validate_credentials(obj)
-    return {"hosts": hosts, "username": username, "token": token}
+        def start(status: str, headers: list, exc_info: Any = None) -> Any:
+            if environ.get("wsgi.websocket") is not None:
+                # /ws/run answered 101 itself; the connection belongs to the WebSocket.
+                seen["status"] = 101
+                return lambda data: None
+            seen["status"] = int(status.split(" ", 1)[0])
+            return start_response(status, headers, exc_info)
 
+        def finish() -> None:
+            wire.log_action("info", "api-request", method=environ.get("REQUEST_METHOD", ""),
+                            path=environ.get("PATH_INFO", ""),
+                            peer=environ.get("REMOTE_ADDR", ""), status=seen["status"],
+                            ms=int((time.monotonic() - started) * 1000))
 
-def validate_discovery(body: Any, *, max_hosts: int) -> dict:
-    """Validate an optional POST /discovery body (absent body or hosts = every agent).
+        if not self.slots.acquire(blocking=False):
+            wire.log_action("warning", "api-overload", peer=environ.get("REMOTE_ADDR", ""),
+                            limit=self.cfg.api_max_children)
+            out = _plain_response(start, 503, _error_body(
+                "service unavailable", "too many concurrent requests"))
+            finish()
+            return out
+        try:
+            try:
+                out = self._gate(environ, start)
+            except Exception as exc:  # noqa: BLE001 - the table answers (logged if unexpected)
+                out = _plain_response(start, *_answer(exc, environ.get("PATH_INFO", "")))
+            if out is None:
+                out = super().wsgi(environ, start)
+        except BaseException:
+            self.slots.release()
+            finish()
+            raise
+        return _Closing(out, [self.slots.release, finish])
 
-    Returns: {"hosts": [...] | None, "username": str, "token": str}.
-    Raises: BadRequest(detail): invalid JSON, not an object, hosts [] or not an array.
-    """
-    if body is NO_BODY:
-        return {"hosts": None, "username": "", "token": ""}
-    obj = _require_object(body)
-    hosts = _validate_hosts(obj, max_hosts=max_hosts) if "hosts" in obj else None
-    username, token = _validate_credentials(obj)
-    return {"hosts": hosts, "username": username, "token": token}
-
-
-# --- private ---
-
-
-def _require_object(body: Any) -> dict:
-    """The body must be present and a JSON object."""
-    if body is NO_BODY:
-        raise BadRequest("request body required")
-    if body is INVALID_JSON or not isinstance(body, dict):
-        raise BadRequest("invalid JSON body")
-    return body
-
-
-def _validate_hosts(obj: dict, *, max_hosts: int) -> list:
-    """Non-empty array of non-empty strings; duplicates collapsed (order kept) before counting."""
-    hosts = obj.get("hosts")
-    if (not isinstance(hosts, list) or not hosts
-            or not all(isinstance(h, str) and h for h in hosts)):
-        raise BadRequest(HOSTS_DETAIL)
-    hosts = list(dict.fromkeys(hosts))
-    if len(hosts) > max_hosts:
-        raise BadRequest("too many hosts (max %d)" % max_hosts)
-    return hosts
-
-
-def _validate_credentials(obj: dict) -> tuple:
-    """username / token: strings when present."""
-    values = []
-    for field in ("username", "token"):
-        value = obj.get(field, "")
-        if field in obj and not _is_text(value):
-            raise BadRequest("%s must be a string" % field)
-        values.append(value)
-    return tuple(values)
-
-
-def _is_text(value: Any) -> bool:
-    """A str that encodes as UTF-8 (JSON allows lone surrogates like "\ud800"; the wire cannot)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    def _gate(self, environ: dict, start: Callable) -> Optional[list]:
+        """Read the body and pass the `api` gate; a list is an early answer."""
+        try:
+            raw = _read_body(environ)
+        except _TooLarge:
+            return _plain_response(start, 413, _error_body(
+                "payload too large", "body exceeds %d bytes" % MAX_BODY_BYTES))
+        except (OSError, ValueError) as exc:
+            wire.log_action("warning", "api-read-fail", peer=environ.get("REMOTE_ADDR", ""),
+                            error=type(exc).__name__)
+            return _plain_response(start, 400, _error_body(
+                "bad request", "the request body could not be read"))
+        body = service_mod.parse_body(raw)
+        environ["ctrlexec.body"] = body
+        token = ""
+        username = ""
+        if isinstance(body, dict):
+            token = body.get("token") if isinstance(body.get("token"), str) else ""
+            username = body.get("username") if isinstance(body.get("username"), str) else ""
+        self.runs.authorise("api", source_ip=environ.get("REMOTE_ADDR", ""), username=username,
+                            token=token or _bearer_token(environ))
+        return None
 
 
 ###############################################################################
-# Routes ######################################################################
+# Routes (in the order a request meets them) ##################################
 ###############################################################################
 
 
 class _Handlers:
-    """The endpoint callbacks; each returns a bottle.HTTPResponse or raises ApiError."""
+    """The endpoint callbacks; each returns a bottle.HTTPResponse or raises (see ERRORS)."""
 
-    def __init__(self, cfg: Any, store: Any, engine: Any) -> None:
+    def __init__(self, cfg: Any, runs: Any) -> None:
         self.cfg = cfg
-        self.store = store
-        self.engine = engine
+        self.runs = runs
 
     # --- informational ---
 
@@ -383,17 +310,7 @@ class _Handlers:
         except ValueError:
             raise ApiError(500, _error_body("internal error",
                                             "openapi.json beside ctrlexec_api.py is not valid JSON"))
-        names = sorted(self.store.registry.names())                # 2. registry, no network
-        scripts = set()
-        if names:                                                   # 3. live capabilities
-            targets = self.store.registry.resolve(names)
-            for row in self.engine.capabilities_all(targets):
-                if row.get("status") != "ok":
-                    continue                                        # unreachable: omitted
-                for entry in row.get("scripts") or []:
-                    name = entry.get("name") if isinstance(entry, dict) else None
-                    if isinstance(name, str) and name:
-                        scripts.add(name)
+        names, scripts = self.runs.fleet_scripts()                 # 2.-3. registry, capabilities
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
         for schema_name in LIVE_HOST_SCHEMAS:                       # 4. host enums
             hosts = (schemas.get(schema_name) or {}).get("properties", {}).get("hosts")
@@ -402,7 +319,7 @@ class _Handlers:
                 items["enum"] = list(names)
         script_prop = (schemas.get("RunRequest") or {}).get("properties", {}).get("script")
         if isinstance(script_prop, dict):                           # 5. script enum
-            script_prop["enum"] = sorted(scripts)
+            script_prop["enum"] = list(scripts)
         info = spec.setdefault("info", {})                          # 6. version stamp
         base_version = str(info.get("version") or wire.VERSION).split("+", 1)[0]
         info["version"] = "%s+%d" % (base_version, int(time.time()))
@@ -412,52 +329,42 @@ class _Handlers:
 
     def ping(self) -> bottle.HTTPResponse:
         """POST /ping: 200 {"ok": true, "reqid", "results": [per-host ping rows]}."""
-        req = validate_ping(_body(), max_hosts=self.cfg.max_hosts)
-        token = req["token"] or _bearer_token()
-        self._authorise("ping", hosts=req["hosts"], username=req["username"], token=token)
-        reqid = wire.new_reqid()
-        targets = self.store.registry.resolve(req["hosts"])
-        results = self.engine.ping_all(targets, reqid=reqid)
+        req = _with_bearer(service_mod.validate_ping(_body(), max_hosts=self.cfg.max_hosts))
+        reqid, results = self.runs.ping(req, source_ip=_peer())
         return _json(200, {"ok": True, "reqid": reqid, "results": results})
 
     def discovery(self) -> bottle.HTTPResponse:
         """GET/POST /discovery: 200 {"ok": true, "hosts": {name: capabilities row}}."""
         if bottle.request.method == "POST":
-            req = validate_discovery(_body(), max_hosts=self.cfg.max_hosts)
+            req = service_mod.validate_discovery(_body(), max_hosts=self.cfg.max_hosts)
         else:
             req = {"hosts": None, "username": "", "token": ""}
-        token = req["token"] or _bearer_token()
-        entries = req["hosts"]
-        self._authorise("ping", hosts=entries or (), username=req["username"], token=token)
-        if entries is None:
-            entries = self.store.registry.names()
-        if not entries:
-            return _json(200, {"ok": True, "hosts": {}})
-        targets = self.store.registry.resolve(entries)
-        return _json(200, {"ok": True,
-                           "hosts": self.engine.discovery_all(targets, self.store.registry)})
+        found = self.runs.discovery(_with_bearer(req), source_ip=_peer())
+        return _json(200, {"ok": True, "hosts": found})
 
     def run(self) -> bottle.HTTPResponse:
         """POST /run: sync 200, async 202, stream 200 NDJSON; 409 on a lock conflict."""
-        req, targets, held, dispatch, submitter = self._begin_run(_body())
-        reqid = dispatch["reqid"]
+        req = _with_bearer(service_mod.validate_run(_body(), max_hosts=self.cfg.max_hosts))
+        mode = "stream" if req["stream"] else "async" if req["async"] else "sync"
+        plan = self.runs.plan_run(req, source_ip=_peer(), mode=mode)
         if req["stream"]:
-            return self._run_stream(req, targets, held, dispatch, submitter)
+            feed = self._start_streamed(plan)
+
+            def lines() -> Iterable[bytes]:
+                try:
+                    for event in feed:
+                        yield _json_line(event)
+                finally:
+                    # Also reached when the client hung up (the server closes this generator).
+                    feed.detach()
+
+            return bottle.HTTPResponse(lines(), 200, {"Content-Type": NDJSON_TYPE,
+                                                      "Cache-Control": "no-cache"})
         if req["async"]:
-            self._track_async(req, reqid, held, submitter)
-        try:
-            results = self.engine.dispatch_all(targets, async_=req["async"], **dispatch)
-        finally:
-            # Released before the response is built: back-to-back runs never see a 409.
-            held.release()
-        if req["async"]:
-            self._save(store_mod.async_record(reqid=reqid, script=req["script"],
-                                              hosts=req["hosts"], results=results,
-                                              submitter=submitter))
-            return _json(202, {"ok": True, "async": True, "reqid": reqid, "results": results})
-        self._save(_sync_record(reqid, req, results, submitter))
-        _log_run_done(reqid, req["script"], results)
-        return _json(200, {"ok": True, "reqid": reqid, "results": results})
+            results = self.runs.submit(plan)
+            return _json(202, {"ok": True, "async": True, "reqid": plan.reqid, "results": results})
+        results = self.runs.run(plan)
+        return _json(200, {"ok": True, "reqid": plan.reqid, "results": results})
 
     def ws_run(self) -> bottle.HTTPResponse:
         """GET /ws/run: WebSocket; the first message is a run request, then the stream's events.
@@ -484,14 +391,9 @@ class _Handlers:
             body = session.receive_request()
             if body is not _WsSession.GONE:
                 self._ws_stream(session, body)
-        except ApiError as exc:
-            session.send(dict(exc.body, event="error", status=exc.status))
-        except Exception as exc:  # noqa: BLE001 - after the 101 an error is a message, logged
-            wire.log_action("err", "api-error", path=bottle.request.path,
-                            error="%s: %s" % (type(exc).__name__, exc))
-            session.send(dict(_error_body("internal error",
-                                          "unexpected server error; see the server log"),
-                              event="error", status=500))
+        except Exception as exc:  # noqa: BLE001 - after the 101 an error is a message (the table)
+            status, error = _answer(exc, bottle.request.path)
+            session.send(dict(error, event="error", status=status))
         finally:
             session.close()
         # Never sent: the connection is the WebSocket's now (_ApiApp drops this answer).
@@ -499,90 +401,24 @@ class _Handlers:
 
     def status(self, reqid: str) -> bottle.HTTPResponse:
         """GET /status/<reqid>: the stored record (aggregated for async runs), no submitter."""
-        self.purge_runs()
-        try:
-            record = self.store.runs.load(reqid)
-        except store_mod.CorruptRecord as exc:
-            wire.log_action("err", "run-store-fail", reqid=reqid, error=str(exc))
-            raise ApiError(500, _error_body(
-                "internal error", "the stored record for reqid %s is unreadable" % reqid))
-        if record is None:
-            raise ApiError(404, _error_body("not found", "no result for reqid %s" % reqid))
-        submitter = record.get("submitter") if isinstance(record.get("submitter"), dict) else None
-        # Authorise before any agent is contacted for aggregation.
-        self._authorise("status", reqid=reqid, submitter=submitter, token=_bearer_token())
-        if record.get("mode") == "async" and not record.get("complete"):
-            record = self.engine.refresh_async(record, self.store.registry)
-            self._save(record)
+        record = self.runs.status(reqid, source_ip=_peer(), token=_bearer_token())
         return _json(200, store_mod.status_view(record))
+
+    def purge_runs(self) -> None:
+        """Delete expired run records (the server's purger; /status purges lazily too)."""
+        self.runs.purge_runs()
 
     # --- private ---
 
-    def _authorise(self, action: str, **context: Any) -> None:
-        """Run auth.check for the current request; raise the 403 ApiError on denial."""
-        decision = auth.check(self.cfg, action=action, source_ip=_peer(), caller="api",
-                              **context)
-        if not decision.allowed:
-            raise ApiError(403, _denial_body(self.cfg, decision))
-
-    def _begin_run(self, body: Any, *, websocket: bool = False) -> tuple:
-        """Validate a run request, authorise it (action run), take its locks, log it.
-
-        Returns: (req as validate_run, targets, the held locks, dispatch = the keyword
-            arguments of engine.dispatch_all, submitter {"username", "source_ip"}).
-        Raises: BadRequest (400), ApiError 403 (denied) or 409 (locked; nothing held).
-        """
-        req = validate_run(body, max_hosts=self.cfg.max_hosts)
-        if websocket:
-            if req["async"]:
-                raise BadRequest("async is not available on /ws/run (the socket streams the "
-                                 "run; use POST /run with \"async\": true instead)")
-            req["stream"] = True
-        token = req["token"] or _bearer_token()
-        source_ip = _peer()
-        self._authorise("run", script=req["script"], hosts=req["hosts"], args=req["args"],
-                        username=req["username"], token=token)
-        targets = self.store.registry.resolve(req["hosts"])
-        # Locks key on the registry name, so "web-01" and "web-01:7450" conflict;
-        # unregistered names are never dialled and need no lock.
-        names = list(dict.fromkeys(t.name for t in targets if t.address is not None))
-        try:
-            held = self.store.locks.hold(names, req["script"])
-        except store_mod.LockConflict as exc:
-            raise ApiError(409, {"ok": False, "error": "locked", "code": 4,
-                                 "conflicts": list(exc.conflicts)})
-        reqid = wire.new_reqid()
-        submitter = {"username": req["username"], "source_ip": source_ip}
-        mode = "async" if req["async"] else "sync"
-        if req["stream"]:
-            mode = "websocket" if websocket else "stream"
-        wire.log_action("info", "dispatch", script=req["script"], hosts=len(req["hosts"]),
-                        reqid=reqid, mode=mode, user=req["username"] or "(none)",
-                        peer=source_ip)
-        dispatch = dict(script=req["script"], args=req["args"], reqid=reqid,
-                        username=req["username"], token=token, timeout=req["timeout"])
-        return req, targets, held, dispatch, submitter
-
-    def _run_stream(self, req: dict, targets: list, held: Any, dispatch: dict,
-                    submitter: dict) -> bottle.HTTPResponse:
-        """NDJSON: start, engine events (stdout/stderr/exit per host), then done."""
-        feed = self._start_streamed(req, targets, held, dispatch, submitter)
-
-        def lines() -> Iterable[bytes]:
-            try:
-                for event in feed:
-                    yield _json_line(event)
-            finally:
-                # Also reached when the client hung up (the server closes this generator).
-                feed.detach()
-
-        return bottle.HTTPResponse(lines(), 200, {"Content-Type": NDJSON_TYPE,
-                                                  "Cache-Control": "no-cache"})
-
     def _ws_stream(self, session: "_WsSession", body: Any) -> None:
-        """/ws/run after the first message: the same events as _run_stream, one per message."""
-        req, targets, held, dispatch, submitter = self._begin_run(body, websocket=True)
-        feed = self._start_streamed(req, targets, held, dispatch, submitter)
+        """/ws/run after the first message: the NDJSON stream's events, one per message."""
+        req = _with_bearer(service_mod.validate_run(body, max_hosts=self.cfg.max_hosts))
+        if req["async"]:
+            raise service_mod.BadRequest(
+                "async is not available on /ws/run (the socket streams the run; use "
+                "POST /run with \"async\": true instead)")
+        plan = self.runs.plan_run(req, source_ip=_peer(), mode="websocket")
+        feed = self._start_streamed(plan)
         try:
             for event in feed:
                 if not session.send(event):
@@ -590,80 +426,26 @@ class _Handlers:
         finally:
             feed.detach()
 
-    def _start_streamed(self, req: dict, targets: list, held: Any, dispatch: dict,
-                        submitter: dict) -> "_RunFeed":
-        """Start a streamed run in its own greenlet; its events come out of the feed.
+    def _start_streamed(self, plan: Any) -> "_RunFeed":
+        """Run a plan in its own greenlet; return its feed once the locks are held.
 
-        Events: {"event":"start","reqid","script","hosts"}, then the engine's
-        stdout / stderr / exit events, then {"event":"done","ok":true,"reqid","results"}
-        (the sync body, flat) or {"event":"error","ok":false,"reqid","error","detail"}.
+        The worker owns the locks and the record, so a client that hangs up mid-stream
+        still gets its run stored and its locks released. A failure before the "start"
+        event (a lock conflict) is raised here, so the route answers 409 instead of 200.
         """
-        reqid = dispatch["reqid"]
-        feed = _RunFeed()
-        feed.put({"event": "start", "reqid": reqid, "script": req["script"],
-                  "hosts": req["hosts"]})
+        feed = _RunFeed(plan.reqid)
 
         def work() -> None:
-            # Owns the locks and the record, so a client that hangs up mid-stream still
-            # gets its run stored and its locks released (both before "done" is sent).
             try:
-                try:
-                    results = self.engine.dispatch_all(targets, on_event=feed.put, **dispatch)
-                finally:
-                    held.release()
-                self._save(_sync_record(reqid, req, results, submitter))
-                _log_run_done(reqid, req["script"], results)
-                feed.put({"event": "done", "ok": True, "reqid": reqid, "results": results})
-            except Exception as exc:  # noqa: BLE001 - reported as an event, logged
-                wire.log_action("err", "run-stream-fail", reqid=reqid,
-                                error=type(exc).__name__)
-                feed.put({"event": "error", "ok": False, "reqid": reqid,
-                          "error": "internal error",
-                          "detail": "the run failed on the server; see the server log"})
+                self.runs.run(plan, on_event=feed.put)
+            except Exception as exc:  # noqa: BLE001 - handed to the client greenlet, answered there
+                feed.fail(exc)
             finally:
                 feed.end()
 
         feed.worker = gevent.spawn(work)
+        feed.wait_started()
         return feed
-
-    def _track_async(self, req: dict, reqid: str, held: Any, submitter: dict) -> None:
-        """Store an async run's record before anything is dispatched.
-
-        Its results exist only on the agents until /status fetches them, so a run
-        store that cannot be written must stop the run here: 500, nothing dispatched.
-        Hosts start as "accepted"; one never reached reads "expired" on /status.
-        """
-        rows = [{"host": host, "script": req["script"], "status": "accepted", "reqid": reqid}
-                for host in req["hosts"]]
-        try:
-            _off_hub(self.store.runs.save, store_mod.async_record(
-                reqid=reqid, script=req["script"], hosts=req["hosts"], results=rows,
-                submitter=submitter))
-        except store_mod.StoreError as exc:
-            held.release()
-            wire.log_action("err", "run-store-fail", reqid=reqid, error=str(exc))
-            raise ApiError(500, _error_body(
-                "internal error", "the run store cannot be written, so this async run could "
-                "not be tracked; nothing was dispatched (check state_dir permissions)"))
-
-    def _save(self, record: dict) -> None:
-        """Store a run record; a failed write is logged, never fatal (reference §5.4)."""
-        try:
-            _off_hub(self.store.runs.save, record)
-        except store_mod.StoreError as exc:
-            wire.log_action("err", "run-store-fail", reqid=record.get("reqid", ""),
-                            error=str(exc))
-
-    def purge_runs(self) -> None:
-        """Delete expired run records (lazily on /status, and by the server's purger)."""
-        try:
-            self.store.runs.purge()
-        except store_mod.StoreError as exc:
-            wire.log_action("err", "run-store-fail", error=str(exc))
-
-
-
-# --- private ---
 
 
 class _RunFeed:
@@ -676,9 +458,11 @@ class _RunFeed:
 
     _END = object()
 
-    def __init__(self) -> None:
+    def __init__(self, reqid: str) -> None:
+        self.reqid = reqid
         self._queue: gevent.queue.Queue = gevent.queue.Queue()
         self._listening = True
+        self._first: Any = None
         #: The greenlet running the dispatch (set by the starter).
         self.worker: Optional[gevent.Greenlet] = None
 
@@ -687,22 +471,103 @@ class _RunFeed:
         if self._listening:
             self._queue.put(event)
 
+    def fail(self, exc: Exception) -> None:
+        """The run raised: before "start" the starter re-raises it, after it is an event."""
+        self._queue.put(_Failed(exc))
+
     def end(self) -> None:
         """No more events."""
         self._queue.put(self._END)
 
+    def wait_started(self) -> None:
+        """Block until the first event; raise the run's exception if it failed first."""
+        self._first = self._queue.get()
+        if isinstance(self._first, _Failed):
+            self.worker.join()
+            raise self._first.exc
+
     def __iter__(self):
-        while True:
-            event = self._queue.get()
-            if event is self._END:
-                return
-            yield event
+        item = self._first if self._first is not None else self._queue.get()
+        self._first = None
+        while item is not self._END:
+            if isinstance(item, _Failed):
+                status, body = _answer(item.exc, "stream")
+                yield dict(body, event="error", reqid=self.reqid)
+            else:
+                yield item
+            item = self._queue.get()
 
     def detach(self) -> None:
         """The client is done with the feed: drop later events, wait for the run to finish."""
         self._listening = False
         if self.worker is not None:
             self.worker.join()
+
+
+class _Failed:
+    """A run's exception travelling through a _RunFeed."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+###############################################################################
+# Errors: the one table from exceptions to answers ############################
+###############################################################################
+
+
+def _locked_body(exc: Any) -> dict:
+    return {"ok": False, "error": "locked", "code": 4, "conflicts": list(exc.conflicts)}
+
+
+#: (exception class, HTTP status, body builder), first match wins; anything else is a
+#: logged 500. Details never carry a path, a token or a traceback.
+ERRORS = (
+    (ApiError, None, lambda exc: exc.body),
+    (service_mod.BadRequest, 400, lambda exc: _error_body("bad request", exc.detail)),
+    (service_mod.Denied, 403, lambda exc: exc.body),
+    (service_mod.NotFound, 404, lambda exc: _error_body("not found", exc.detail)),
+    (store_mod.LockConflict, 409, _locked_body),
+    (service_mod.RunNotTracked, 500, lambda exc: _error_body("internal error", str(exc))),
+    (store_mod.CorruptRecord, 500, lambda exc: _error_body("internal error", str(exc))),
+    (store_mod.StoreError, 500, lambda exc: _error_body(
+        "internal error", "the control host's state could not be read or written; see the "
+                          "server log")),
+    (EngineError, 500, lambda exc: _error_body(
+        "internal error", "the dispatcher could not talk to the agents; see the server log")),
+)
+
+
+def _answer(exc: BaseException, where: str) -> tuple:
+    """(status, body) for an exception raised while answering; unexpected ones are logged."""
+    for cls, status, build in ERRORS:
+        if isinstance(exc, cls):
+            if status is None or status >= 500:
+                if status is not None:
+                    wire.log_action("err", "api-fail", path=where, error=type(exc).__name__,
+                                    detail=str(exc)[:300])
+                return (exc.status if status is None else status), build(exc)
+            return status, build(exc)
+    wire.log_action("err", "api-error", path=where, error="%s: %s" % (type(exc).__name__, exc))
+    return 500, _error_body("internal error", "unexpected server error; see the server log")
+
+
+def _endpoint(func: Callable) -> Callable:
+    """Route wrapper: the one boundary of a route (bottle's _handle is the model)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> bottle.HTTPResponse:
+        try:
+            return func(*args, **kwargs)
+        except bottle.HTTPResponse:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped by ERRORS; unexpected ones logged
+            return _json(*_answer(exc, bottle.request.path))
+
+    wrapper.__name__ = getattr(func, "__name__", "endpoint")
+    return wrapper
+
+
+# --- private ---
 
 
 class _WsSession:
@@ -748,7 +613,7 @@ class _WsSession:
             raise ApiError(413, _error_body("payload too large",
                                             "body exceeds %d bytes" % MAX_BODY_BYTES))
         if state["bad_text"]:
-            raise BadRequest("invalid JSON body")
+            raise service_mod.BadRequest("invalid JSON body")
         if not state["done"]:
             return self.GONE                # silent too long: close() says goodbye
         message = state["message"]
@@ -757,7 +622,7 @@ class _WsSession:
             return self.GONE
         self._reader = gevent.spawn(self._read_rest)
         raw = message.encode("utf-8") if isinstance(message, str) else bytes(message)
-        return parse_body(raw)
+        return service_mod.parse_body(raw)
 
     def send(self, message: dict) -> bool:
         """Send one JSON text message; False (and stop sending) once the client has gone."""
@@ -851,29 +716,6 @@ def _off_hub(func: Callable, *args: Any) -> Any:
     return gevent.get_hub().threadpool.apply(func, args)
 
 
-def _sync_record(reqid: str, req: dict, results: list, submitter: dict) -> dict:
-    """The stored shape of a finished sync (or streamed) run (store.sync_record)."""
-    return store_mod.sync_record(reqid=reqid, script=req["script"], hosts=req["hosts"],
-                                 results=results, submitter=submitter)
-
-
-def _log_run_done(reqid: str, script: str, results: list) -> None:
-    """One line per finished run, counted from the rows (exit 0 = ok)."""
-    ok = sum(1 for row in results if isinstance(row, dict) and row.get("exit") == 0)
-    wire.log_action("info", "run-done", reqid=reqid, script=script, hosts=len(results),
-                    ok=ok, failed=len(results) - ok)
-
-
-def _denial_body(cfg: Any, decision: Any) -> dict:
-    """403 body: {ok:false, error, code[, detail]} or the generic form."""
-    if getattr(cfg, "auth_deny_generic", False):
-        return {"ok": False, "error": "forbidden"}
-    body = {"ok": False, "error": decision.error, "code": decision.code}
-    if decision.detail:
-        body["detail"] = decision.detail
-    return body
-
-
 def _error_body(error: str, detail: str) -> dict:
     """{"ok": false, "error", "detail"}."""
     return {"ok": False, "error": error, "detail": detail}
@@ -891,7 +733,7 @@ def _read_spec_bytes() -> bytes:
 
 def _body() -> Any:
     """The parsed body of the current request (read once by _ApiApp under the size limit)."""
-    return bottle.request.environ.get("ctrlexec.body", NO_BODY)
+    return bottle.request.environ.get("ctrlexec.body", service_mod.NO_BODY)
 
 
 def _peer() -> str:
@@ -907,6 +749,11 @@ def _bearer_token(environ: Optional[dict] = None) -> str:
     if scheme.lower() != "bearer":
         return ""
     return token.strip()
+
+
+def _with_bearer(req: dict) -> dict:
+    """A validated request whose token is the body's, else the Authorization header's."""
+    return dict(req, token=req.get("token") or _bearer_token())
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -925,26 +772,6 @@ def _json_line(obj: Any) -> bytes:
 def _json(status: int, body: Any) -> bottle.HTTPResponse:
     """A JSON HTTPResponse."""
     return bottle.HTTPResponse(_json_bytes(body), status, {"Content-Type": JSON_TYPE})
-
-
-def _endpoint(func: Callable) -> Callable:
-    """Route wrapper: ApiError -> its JSON body; any other Exception -> logged 500."""
-
-    def wrapper(*args: Any, **kwargs: Any) -> bottle.HTTPResponse:
-        try:
-            return func(*args, **kwargs)
-        except ApiError as exc:
-            return _json(exc.status, exc.body)
-        except bottle.HTTPResponse:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the one boundary: log, answer 500
-            wire.log_action("err", "api-error", path=bottle.request.path,
-                            error="%s: %s" % (type(exc).__name__, exc))
-            return _json(500, _error_body("internal error",
-                                          "unexpected server error; see the server log"))
-
-    wrapper.__name__ = getattr(func, "__name__", "endpoint")
-    return wrapper
 
 
 def _bottle_error(err: bottle.HTTPError) -> bytes:
@@ -970,86 +797,6 @@ def _bottle_error(err: bottle.HTTPError) -> bytes:
     response.status = 500
     return _json_bytes(_error_body("internal error",
                                    "unexpected server error; see the server log"))
-
-
-class _ApiApp(bottle.Bottle):
-    """bottle.Bottle plus the steps every request takes before routing.
-
-    Order: concurrency slot (503) -> body read under 1 MiB (413) -> the `api` auth
-    gate (403) -> bottle routing. Logs one api-request line when the response ends.
-    """
-
-    def __init__(self, cfg: Any, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.cfg = cfg
-        self.slots = gevent.lock.BoundedSemaphore(max(1, int(cfg.api_max_children)))
-
-    def wsgi(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        started = time.monotonic()
-        seen = {"status": 0}
-
-        def start(status: str, headers: list, exc_info: Any = None) -> Any:
-            if environ.get("wsgi.websocket") is not None:
-                # /ws/run answered 101 itself; the connection belongs to the WebSocket.
-                seen["status"] = 101
-                return lambda data: None
-            seen["status"] = int(status.split(" ", 1)[0])
-            return start_response(status, headers, exc_info)
-
-        def finish() -> None:
-            wire.log_action("info", "api-request", method=environ.get("REQUEST_METHOD", ""),
-                            path=environ.get("PATH_INFO", ""),
-                            peer=environ.get("REMOTE_ADDR", ""), status=seen["status"],
-                            ms=int((time.monotonic() - started) * 1000))
-
-        if not self.slots.acquire(blocking=False):
-            wire.log_action("warning", "api-overload", peer=environ.get("REMOTE_ADDR", ""),
-                            limit=self.cfg.api_max_children)
-            out = _plain_response(start, 503, _error_body(
-                "service unavailable", "too many concurrent requests"))
-            finish()
-            return out
-        try:
-            try:
-                out = self._gate(environ, start)
-            except Exception as exc:  # noqa: BLE001 - answer JSON, never a bare 500 page
-                wire.log_action("err", "api-error", path=environ.get("PATH_INFO", ""),
-                                error="%s: %s" % (type(exc).__name__, exc))
-                out = _plain_response(start, 500, _error_body(
-                    "internal error", "unexpected server error; see the server log"))
-            if out is None:
-                out = super().wsgi(environ, start)
-        except BaseException:
-            self.slots.release()
-            finish()
-            raise
-        return _Closing(out, [self.slots.release, finish])
-
-    def _gate(self, environ: dict, start: Callable) -> Optional[list]:
-        """Read the body and pass the `api` gate; a list is an early answer."""
-        try:
-            raw = _read_body(environ)
-        except _TooLarge:
-            return _plain_response(start, 413, _error_body(
-                "payload too large", "body exceeds %d bytes" % MAX_BODY_BYTES))
-        except (OSError, ValueError) as exc:
-            wire.log_action("warning", "api-read-fail", peer=environ.get("REMOTE_ADDR", ""),
-                            error=type(exc).__name__)
-            return _plain_response(start, 400, _error_body(
-                "bad request", "the request body could not be read"))
-        body = parse_body(raw)
-        environ["ctrlexec.body"] = body
-        token = ""
-        username = ""
-        if isinstance(body, dict):
-            token = body.get("token") if isinstance(body.get("token"), str) else ""
-            username = body.get("username") if isinstance(body.get("username"), str) else ""
-        token = token or _bearer_token(environ)
-        decision = auth.check(self.cfg, action="api", source_ip=environ.get("REMOTE_ADDR", ""),
-                              caller="api", username=username, token=token)
-        if not decision.allowed:
-            return _plain_response(start, 403, _denial_body(self.cfg, decision))
-        return None
 
 
 class _TooLarge(Exception):

@@ -4,11 +4,12 @@ Owns: the per-host exchange with an agent (connect, TLS handshake with the one
 client context, one HTTP/1.0 JSON request, the answer, timing), the bounded
 greenlet fan-out of ping / run / capabilities / result fetch, the operator
 wording of transport errors (one place: ``_transport_error``), live output
-streaming, and the aggregation of async run records (reference §5.4).
+streaming. Pure fan-out: target rows in, result rows out.
 
 Never does: gevent monkey-patching (the entry points and tests/conftest.py do
 it; this module only uses gevent's pool and timeout), auth decisions, locks,
-or writing state (callers store what it returns).  It never dials a target the
+or reading and writing state (service.py resolves targets and stores what it returns;
+engine.py does not import store.py).  It never dials a target the
 registry did not resolve (``address`` None), so an unknown name is never sent
 to DNS, and it never logs or returns the caller's token.
 """
@@ -32,7 +33,6 @@ import gevent.pool
 import ujson
 
 import ctrlexec_agent as wire
-import store
 
 #: Deadline for TCP connect + TLS handshake, per host.
 CONNECT_TIMEOUT_S = 10.0
@@ -184,20 +184,6 @@ class Engine:
         return self._fan_out("capabilities", targets,
                              lambda t: _capabilities_row(t, self._exchange(t, request)))
 
-    def discovery_all(self, targets: list, registry) -> dict:
-        """Capabilities of every target keyed by registry name; tags cached in the registry.
-
-        Returns:
-            {name: capabilities row (``tags`` always an object)}; a tag set that
-            changed is written back with ``registry.update`` (failures are logged).
-        """
-        found = {}
-        for target, row in zip(targets, self.capabilities_all(targets)):
-            if row.get("status") == "ok" and target.address is not None:
-                _cache_tags(registry, target.name, row["tags"])
-            found[target.name] = row
-        return found
-
     def fetch_results(self, targets: list, *, reqid: str) -> list:
         """GET /result/<reqid> from every target (detached runs).
 
@@ -215,28 +201,6 @@ class Engine:
                              lambda t: _result_row(t, self._exchange(t, request, accept=(200, 404)),
                                                    reqid),
                              reqid=reqid)
-
-    def refresh_async(self, record: dict, registry) -> dict:
-        """Aggregate an async run record: ask hosts still pending for their result.
-
-        Hosts in accepted/running are fetched in parallel (resolved with
-        ``registry.resolve``): done -> {host, status:"done", exit, stdout, stderr, rtt
-        [, truncated, timed_out, error]}; running -> "running"; agent 404 -> "expired";
-        a transport error leaves the row unchanged plus "fetch_error".
-        Returns:
-            a new record with results, pending (request order), complete, and
-            completed (epoch, set once); the input is not modified.
-        """
-        record = dict(record)
-        rows = [dict(row) for row in record.get("results") or []]
-        waiting = [i for i, row in enumerate(rows) if row.get("status") in store.PENDING_STATES]
-        if waiting:
-            targets = registry.resolve([rows[i]["host"] for i in waiting])
-            fetched = self.fetch_results(targets, reqid=record["reqid"])
-            for i, got in zip(waiting, fetched):
-                rows[i] = _refreshed_row(rows[i], got)
-        record["results"] = rows
-        return store.settle_async(record)
 
     # --- private ---
 
@@ -520,16 +484,6 @@ def _dial(key: tuple, timeout: float) -> socket.socket:
     return socket.create_connection(key, timeout=timeout)
 
 
-def _cache_tags(registry, name: str, tags: dict) -> None:
-    """Keep the registry's cached tags in step with what the agent reported."""
-    try:
-        record = registry.get(name)
-        if record is not None and record.get("tags") != tags:
-            registry.update(name, tags=tags)
-    except store.StoreError as exc:
-        wire.log_action("warning", "registry-tags-fail", agent=name, error=str(exc))
-
-
 def _read_body(reader, headers: dict) -> bytes:
     """Body by Content-Length, or up to end of stream when absent."""
     if "content-length" not in headers:
@@ -664,20 +618,6 @@ def _result_row(target, answer, reqid: str) -> dict:
            "reqid": reqid, "rtt": answer.rtt}
     _copy_run_extras(row, body)
     return row
-
-
-def _refreshed_row(row: dict, got: dict) -> dict:
-    """Merge one fetched result into an async record row (reference §5.4)."""
-    status = got["status"]
-    if status == "done":
-        done = {key: value for key, value in got.items() if key != "reqid"}
-        done["host"] = row["host"]
-        return done
-    if status == "running":
-        return {key: value for key, value in dict(row, status="running").items() if key != "fetch_error"}
-    if status == "unknown":
-        return {"host": row["host"], "status": "expired"}
-    return dict(row, fetch_error=got.get("error") or "result fetch failed")
 
 
 def _exit_event(target, row: dict) -> dict:

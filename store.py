@@ -1,21 +1,32 @@
 """Control-host state: agent registry, run store and per host+script locks.
 
-Owns everything under state_dir (SPEC §5, reference §5.2-§5.4):
+A facade over a storage backend (SPEC §5). The facade classes (Registry, RunStore,
+Locks; bundled by Store / open_store) own every rule, once, for every backend:
+    - an agent name (valid_agent_name) or reqid (RUN_REQID_RE) passes its allow-regex
+      before a backend sees it, so caller text never becomes a file name or key unchecked;
+    - resolve() gives an address only for a registered, readable record: an unknown,
+      malformed or corrupt entry is never dialled and never sent to DNS;
+    - SECRET_FIELDS are dropped from a run record, at any depth, before it is stored;
+    - a run record older than run_retention is absent, even while a backend still holds it;
+    - list(tags=...) filtering, JSON encoding / decoding (CorruptRecord), all-or-nothing locks.
+The backends (RegistryBackend, RunBackend, LockBackend) only store: bytes under keys
+that are already valid, atomic writes and read-modify-writes, locks, record ages.
+They never validate, decode, scrub, filter or resolve, and never decide retention.
+
+File backends, the embedded default (reference §5.2-§5.4), own everything under state_dir:
     agents/<name>.json              registry records, 0644, atomic writes
-    agents/.registry.lock           flock serialising read-modify-write updates
-    runs/<reqid>.json               run records, 0640, atomic, kept run_retention s
+    agents/.registry.lock           flock serialising registry writes
+    runs/<reqid>.json               run records, 0640, atomic, age = mtime
+    runs/.update.lock               flock serialising run-record writes (save, update)
     locks/<host>--<script>.lock     fcntl.flock locks held for a sync run
-Directories this module creates get: state_dir, agents/ and runs/ 0750 (the API
-user and its group read them; records carry hostnames, IPs and script output),
-locks/ 0770 and lock files 0660 (the operator CLI and the API service share the
-locks through their common group). Existing directories are never re-moded, so
-packaging may choose e.g. setgid 2770.
+Directories they create get: state_dir, agents/ and runs/ 0750 (the API user and its
+group read them; records carry hostnames, IPs and script output), locks/ 0770 and
+lock files 0660 (the operator CLI and the API service share them through their common
+group). Existing directories are never re-moded, so packaging may choose e.g. setgid 2770.
+open_store() picks the backends (_select_backends): today files; the later
+state_backend key (files | redis://...) plugs in there, and callers do not change.
 
-The interface is deliberately small (Registry, RunStore, Locks, Store) so that a
-Redis backend can replace the files without touching callers.
-
-Never does: I/O at import time, gevent patching, DNS lookups, or turn a name or
-reqid into a path before it has passed an allow-regex. Never stores tokens.
+Never does: I/O at import time, gevent patching, DNS lookups. Never stores tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +37,11 @@ __all__ = [
     "LockConflict",
     "Target",
     "valid_agent_name",
+    "Stored",
+    "Lease",
+    "RegistryBackend",
+    "RunBackend",
+    "LockBackend",
     "Registry",
     "RunStore",
     "sync_record",
@@ -36,6 +52,9 @@ __all__ = [
     "HeldLocks",
     "Store",
     "open_store",
+    "FileRegistryBackend",
+    "FileRunBackend",
+    "FileLockBackend",
 ]
 
 import collections
@@ -45,6 +64,7 @@ import hashlib
 import os
 import re
 import time
+from typing import Any, Callable, Protocol
 
 import ujson
 
@@ -59,10 +79,10 @@ PENDING_STATES = ("accepted", "running")
 MAX_AGENT_NAME_CHARS = 253
 #: Accepted run-store reqids (the API's 16-hex reqids and the agent's wider form).
 RUN_REQID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-#: How long a registry write waits for .registry.lock before giving up.
-REGISTRY_LOCK_TIMEOUT_S = 10.0
-#: Poll step while waiting for .registry.lock (non-blocking polls keep gevent responsive).
-REGISTRY_LOCK_POLL_S = 0.01
+#: How long a record write waits for .registry.lock / .update.lock before giving up.
+STATE_LOCK_TIMEOUT_S = 10.0
+#: Poll step while waiting for those locks (non-blocking polls keep gevent responsive).
+STATE_LOCK_POLL_S = 0.01
 #: Longest file name most filesystems accept (NAME_MAX).
 MAX_FILENAME_BYTES = 255
 STATE_DIR_MODE = 0o750
@@ -87,7 +107,7 @@ class StoreError(Exception):
 
 
 class CorruptRecord(StoreError):
-    """A stored record is not a JSON object. Attribute: path."""
+    """A stored record is not a JSON object. Attribute: path (backend.where: file or key)."""
 
     def __init__(self, message: str, *, path: str = "") -> None:
         super().__init__(message)
@@ -104,11 +124,19 @@ class LockConflict(StoreError):
                          "finishes" % (", ".join(self.conflicts), script))
 
 
-# --- public API ----------------------------------------------------------------------
+# --- public API: values and the backend interface ------------------------------------
 
 #: entry = the caller's text ("web-01" or "web-01:7450"); name = registry name;
 #: address / port = where to dial; address None => not registered, never dialled.
 Target = collections.namedtuple("Target", "entry name address port")
+
+#: A record as a backend holds it: data (bytes, JSON) and age_s (seconds since its last write).
+Stored = collections.namedtuple("Stored", "data age_s")
+
+#: One held host+script lock. key = the backend's key of the pair (file name, later a
+#: Redis key); handle = the backend's own (an fd; later an owner token); fencing = the
+#: lease's fencing number (None for flocks, which the kernel drops with the process).
+Lease = collections.namedtuple("Lease", "key name script handle fencing")
 
 
 def valid_agent_name(name: str) -> bool:
@@ -121,37 +149,104 @@ def valid_agent_name(name: str) -> bool:
             and name not in (".", "..") and wire.AGENT_NAME_RE.fullmatch(name) is not None)
 
 
-class Registry:
-    """Paired agents, one JSON file per agent under <state_dir>/agents/.
+class RegistryBackend(Protocol):
+    """Where registry records live. Names are already valid; data is the facade's JSON."""
 
+    def prepare(self) -> None:
+        """Create or check what the backend needs (StoreError when unusable)."""
+
+    def where(self, name: str) -> str:
+        """Where the record of name is kept, for messages (a file path; later a key)."""
+
+    def get(self, name: str) -> Stored | None:
+        """The stored record, or None when absent."""
+
+    def names(self) -> list:
+        """Every stored name, unchecked, in any order."""
+
+    def put(self, name: str, data: bytes) -> None:
+        """Create or replace a record atomically."""
+
+    def update(self, name: str, fn: Callable[[Stored | None], bytes | None]) -> None:
+        """Write fn(current) unless it is None, atomically; fn may run again on a retry."""
+
+    def delete(self, name: str) -> bool:
+        """Remove a record; True if it existed."""
+
+
+class RunBackend(Protocol):
+    """Where run records live. Reqids are already valid; data is scrubbed JSON.
+
+    ttl_s = how long the facade keeps the record after this write: a backend with
+    expiring keys sets it; the file backend keeps the mtime and purge() deletes.
+    """
+
+    def prepare(self) -> None:
+        """Create or check what the backend needs (StoreError when unusable)."""
+
+    def where(self, reqid: str) -> str:
+        """Where the record of reqid is kept, for messages (a file path; later a key)."""
+
+    def get(self, reqid: str) -> Stored | None:
+        """The stored record and its age, or None when absent (expired or not)."""
+
+    def put(self, reqid: str, data: bytes, ttl_s: float) -> None:
+        """Create or replace a record atomically."""
+
+    def update(self, reqid: str, fn: Callable[[Stored | None], bytes | None],
+               ttl_s: float) -> None:
+        """Write fn(current) unless it is None, atomically; fn may run again on a retry."""
+
+    def purge(self, max_age_s: float) -> int:
+        """Delete records older than max_age_s (and dead writers' debris); return how many."""
+
+
+class LockBackend(Protocol):
+    """Where host+script locks live. Names and script are non-empty strings."""
+
+    def prepare(self) -> None:
+        """Create or check what the backend needs (StoreError when unusable)."""
+
+    def key_of(self, name: str, script: str) -> str:
+        """The key of a pair; pairs with one key are one lock."""
+
+    def acquire(self, name: str, script: str) -> Lease | None:
+        """Take the lock of a pair without waiting; None when someone holds it."""
+
+    def release(self, lease: Lease) -> None:
+        """Drop a lease (idempotent, never raises)."""
+
+    def held(self) -> list:
+        """[{"host", "script"}] of every lock currently held, by anyone, in any order."""
+
+
+# --- public API: the facade ------------------------------------------------------------
+
+class Registry:
+    """Paired agents by registry name.
+
+    Args: source: a state_dir (files: agents/<name>.json) or a RegistryBackend.
     Record: {"hostname", "ip", "port", "lookup_by": "ip"|"hostname", "paired",
     "expiry", "tags": {}, "dispatcher_serial", "serial_status"}.
     """
 
-    def __init__(self, state_dir: str) -> None:
-        self.state_dir = state_dir
-        self.dir = os.path.join(state_dir, "agents")
+    def __init__(self, source: str | os.PathLike | RegistryBackend) -> None:
+        self.backend = _backend_of(source, FileRegistryBackend)
 
     def get(self, name: str) -> dict | None:
         """Return the record of name, or None when it is not registered (or not a valid name).
 
         Raises:
-            CorruptRecord: the file exists but is not a JSON object.
+            CorruptRecord: the stored record is not a JSON object.
         """
         if not valid_agent_name(name):
             return None
-        return _read_json(self._path(name), what="registry record for %r" % name)
+        stored = self.backend.get(name)
+        return None if stored is None else self._decode(name, stored)
 
     def names(self) -> list:
-        """Return every registered name, sorted (from the file names; no JSON parsing)."""
-        try:
-            entries = os.listdir(self.dir)
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StoreError("cannot list registry %s (%s)" % (self.dir, exc.strerror)) from None
-        names = (e[:-5] for e in entries if e.endswith(".json"))
-        return sorted(n for n in names if valid_agent_name(n))
+        """Return every registered name, sorted (no record is parsed)."""
+        return sorted(n for n in self.backend.names() if valid_agent_name(n))
 
     def list(self, tags: dict | None = None) -> list:
         """Return records (each with an added "name") whose tags match every given tag exactly.
@@ -177,7 +272,7 @@ class Registry:
         return out
 
     def put(self, name: str, record: dict) -> None:
-        """Create or replace the record of name (atomic, 0644).
+        """Create or replace the record of name (atomic; files: 0644).
 
         Raises:
             StoreError: invalid name, record not a JSON-able dict, or the write failed.
@@ -186,41 +281,35 @@ class Registry:
         if not isinstance(record, dict):
             raise StoreError("registry record for %r must be a dict, got %s"
                              % (name, type(record).__name__))
-        data = _encode(record, pretty=True, what="registry record for %r" % name)
-        with self._locked():
-            self._write(name, data)
+        self.backend.put(name, _encode(record, pretty=True, what=_registry_what(name)))
 
-    def update(self, name: str, **fields) -> dict:
-        """Read-modify-write the record of name under the registry lock; return the new record.
+    def update(self, name: str, **fields: Any) -> dict:
+        """Read-modify-write the record of name atomically; return the new record.
 
         Raises:
             StoreError: invalid or unregistered name, lock timeout, or the write failed.
             CorruptRecord: the stored record is unreadable.
         """
         self._check_name(name)
-        with self._locked():
-            record = self.get(name)
-            if record is None:
+        result = [None]
+
+        def apply(stored: Stored | None) -> bytes:
+            if stored is None:
                 # Never resurrect an agent unpaired meanwhile as a half-filled record.
                 raise StoreError("agent %r is not registered; pair or enroll it first" % name)
+            record = self._decode(name, stored)
             record.update(fields)
-            self._write(name, _encode(record, pretty=True,
-                                      what="registry record for %r" % name))
-        return record
+            result[0] = record
+            return _encode(record, pretty=True, what=_registry_what(name))
+
+        self.backend.update(name, apply)
+        return result[0]
 
     def delete(self, name: str) -> bool:
         """Remove name from the registry; True if it was registered."""
         if not valid_agent_name(name):
             return False
-        with self._locked():
-            try:
-                os.unlink(self._path(name))
-            except FileNotFoundError:
-                return False
-            except OSError as exc:
-                raise StoreError("cannot delete registry record for %r (%s)"
-                                 % (name, exc.strerror)) from None
-        return True
+        return self.backend.delete(name)
 
     def resolve(self, entries: list) -> list:
         """Map caller host entries to dial targets, in the given order.
@@ -237,7 +326,7 @@ class Registry:
 
     # --- private ---
 
-    def _resolve_one(self, entry) -> Target:
+    def _resolve_one(self, entry: Any) -> Target:
         """Resolve one entry (see resolve)."""
         if not isinstance(entry, str):
             return Target(entry, str(entry), None, None)
@@ -264,9 +353,9 @@ class Registry:
             port = _valid_port(record.get("port")) or wire.AGENT_PORT
         return Target(entry, name, address, port)
 
-    def _path(self, name: str) -> str:
-        """File of a (validated) name."""
-        return os.path.join(self.dir, name + ".json")
+    def _decode(self, name: str, stored: Stored) -> dict:
+        """The record of a stored registry entry (CorruptRecord if unreadable)."""
+        return _decode(stored.data, what=_registry_what(name), where=self.backend.where(name))
 
     def _check_name(self, name: str) -> None:
         """Raise StoreError unless name is a valid agent name."""
@@ -274,20 +363,6 @@ class Registry:
             raise StoreError("invalid agent name %r; accepted: a letter or digit first, then "
                              "letters, digits, '.', '_' or '-' (at most %d characters)"
                              % (name, MAX_AGENT_NAME_CHARS))
-
-    def _write(self, name: str, data: bytes) -> None:
-        """Atomically write a record file."""
-        try:
-            wire.atomic_write(self._path(name), data, REGISTRY_FILE_MODE)
-        except OSError as exc:
-            raise StoreError("cannot write registry record for %r (%s)"
-                             % (name, exc.strerror or exc)) from None
-
-    def _locked(self):
-        """Context manager holding agents/.registry.lock exclusively."""
-        _ensure_dir(self.state_dir, STATE_DIR_MODE)
-        _ensure_dir(self.dir, AGENTS_DIR_MODE)
-        return _FileLock(os.path.join(self.dir, ".registry.lock"), REGISTRY_LOCK_TIMEOUT_S)
 
 
 def sync_record(*, reqid: str, script: str, hosts: list, results: list, submitter: dict) -> dict:
@@ -338,15 +413,19 @@ def status_view(record: dict) -> dict:
 
 
 class RunStore:
-    """Run records under <state_dir>/runs/<reqid>.json, kept retention_s after the last write."""
+    """Run records by reqid, kept retention_s after their last write.
 
-    def __init__(self, state_dir: str, retention_s: int = RUN_RETENTION_S) -> None:
-        self.state_dir = state_dir
-        self.dir = os.path.join(state_dir, "runs")
+    Args: source: a state_dir (files: runs/<reqid>.json) or a RunBackend;
+        retention_s: older records read as absent, and purge() deletes them.
+    """
+
+    def __init__(self, source: str | os.PathLike | RunBackend,
+                 retention_s: int = RUN_RETENTION_S) -> None:
+        self.backend = _backend_of(source, FileRunBackend)
         self.retention_s = retention_s
 
     def save(self, record: dict) -> None:
-        """Write record atomically (0640) under its "reqid"; secret fields are dropped.
+        """Store record under its "reqid" (atomic; files: 0640); secret fields are dropped.
 
         Raises:
             StoreError: reqid missing or not ^[A-Za-z0-9_-]{1,64}$, record not JSON-able,
@@ -354,45 +433,299 @@ class RunStore:
         """
         if not isinstance(record, dict):
             raise StoreError("run record must be a dict, got %s" % type(record).__name__)
-        path = self._path(record.get("reqid"))
-        data = _encode(_scrub(record), pretty=False, what="run record %s" % record["reqid"])
-        _ensure_dir(self.state_dir, STATE_DIR_MODE)
-        _ensure_dir(self.dir, RUNS_DIR_MODE)
-        try:
-            wire.atomic_write(path, data, RUN_FILE_MODE)
-        except OSError as exc:
-            raise StoreError("cannot write run record %s (%s)"
-                             % (record["reqid"], exc.strerror or exc)) from None
+        reqid = self._check_reqid(record.get("reqid"))
+        data = _encode(_scrub(record), pretty=False, what=_run_what(reqid))
+        self.backend.put(reqid, data, self.retention_s)
 
     def load(self, reqid: str) -> dict | None:
         """Return the record of reqid, or None when absent or older than the retention.
 
         Raises:
-            StoreError: reqid not ^[A-Za-z0-9_-]{1,64}$.
-            CorruptRecord: the file is not a JSON object.
+            StoreError: reqid not ^[A-Za-z0-9_-]{1,64}$, or the record cannot be read.
+            CorruptRecord: the stored record is not a JSON object.
         """
-        path = self._path(reqid)
-        try:
-            age = time.time() - os.stat(path, follow_symlinks=False).st_mtime
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StoreError("cannot read run record %s (%s)" % (reqid, exc.strerror)) from None
-        if age > self.retention_s:
-            return None
-        return _read_json(path, what="run record %s" % reqid)
+        reqid = self._check_reqid(reqid)
+        return self._live(reqid, self.backend.get(reqid))
+
+    def update(self, reqid: str, fn: Callable[[dict], dict]) -> dict | None:
+        """Replace the record of reqid by fn(record), atomically against other writers.
+
+        fn gets the stored record and returns the new one (same reqid); it may be called
+        again when a backend retries after losing a race, so keep it free of side effects.
+        Returns: the new record as stored (secrets dropped); None, fn not called, when
+            the record is absent or older than the retention.
+        Raises:
+            StoreError: invalid reqid, fn returned a non-dict or another reqid, lock
+                timeout, or the write failed (the record is then unchanged).
+            CorruptRecord: the stored record is unreadable (fn not called).
+        """
+        reqid = self._check_reqid(reqid)
+        result = [None]
+
+        def apply(stored: Stored | None) -> bytes | None:
+            result[0] = None
+            record = self._live(reqid, stored)
+            if record is None:
+                return None
+            new = fn(record)
+            if not isinstance(new, dict):
+                raise StoreError("update of run record %s returned %s, not a dict"
+                                 % (reqid, type(new).__name__))
+            if new.get("reqid") != reqid:
+                raise StoreError("update of run record %s returned reqid %r; a run keeps its "
+                                 "reqid" % (reqid, new.get("reqid")))
+            result[0] = _scrub(new)
+            return _encode(result[0], pretty=False, what=_run_what(reqid))
+
+        self.backend.update(reqid, apply, self.retention_s)
+        return result[0]
 
     def purge(self) -> int:
-        """Delete records whose mtime is older than the retention; return how many records."""
-        cutoff = time.time() - self.retention_s
-        count = 0
+        """Delete records older than the retention; return how many records."""
+        return self.backend.purge(self.retention_s)
+
+    # --- private ---
+
+    def _check_reqid(self, reqid: Any) -> str:
+        """reqid after the allow-regex (a reqid never becomes an arbitrary path or key)."""
+        if not isinstance(reqid, str) or not RUN_REQID_RE.fullmatch(reqid):
+            raise StoreError("invalid reqid %r; accepted: 1-64 letters, digits, '_' or '-'"
+                             % (reqid if not isinstance(reqid, str) else reqid[:80],))
+        return reqid
+
+    def _live(self, reqid: str, stored: Stored | None) -> dict | None:
+        """The record of a stored entry, None when absent or past the retention."""
+        if stored is None or stored.age_s > self.retention_s:
+            return None
+        return _decode(stored.data, what=_run_what(reqid), where=self.backend.where(reqid))
+
+
+class HeldLocks:
+    """A set of host+script locks held together; a context manager releasing them on exit.
+
+    Attributes: names, script, leases [Lease], fencing (the highest fencing number of
+    the leases, for a lease backend's writers to refuse a stale holder; None for flocks).
+    """
+
+    def __init__(self, names: list, script: str, leases: list, backend: LockBackend) -> None:
+        self.names = list(names)
+        self.script = script
+        self.leases = list(leases)
+        numbers = [lease.fencing for lease in self.leases if lease.fencing is not None]
+        self.fencing = max(numbers) if numbers else None
+        self._backend = backend
+
+    def release(self) -> None:
+        """Release every lock (idempotent)."""
+        leases, self.leases = self.leases, []
+        _release_all(self._backend, leases)
+
+    def __enter__(self) -> HeldLocks:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+class Locks:
+    """Per host+script locks (files: flocks under locks/, instance-local, not for NFS).
+
+    Args: source: a state_dir or a LockBackend.
+    """
+
+    def __init__(self, source: str | os.PathLike | LockBackend) -> None:
+        self.backend = _backend_of(source, FileLockBackend)
+
+    def hold(self, names: list, script: str) -> HeldLocks:
+        """Take the locks of every (name, script) pair, all or nothing.
+
+        Use as `with locks.hold(["web-01", "db-01"], "backup"): ...`. The locks stay
+        held until the with block ends (success or exception); the kernel drops file
+        locks if the process dies. Duplicate names (same key) are collapsed.
+        Raises:
+            LockConflict: .conflicts = the names already held (given order); nothing held.
+            StoreError: a name or script is empty / not a string, or a lock cannot be taken.
+        """
+        if not isinstance(script, str) or not script:
+            raise StoreError("lock script must be a non-empty string")
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            raise StoreError("lock names must be a list of non-empty strings")
+        wanted = {}
+        for name in names:              # one key twice would conflict with itself
+            wanted.setdefault(self.backend.key_of(name, script), name)
+        leases, conflicts = [], []
         try:
-            entries = list(os.scandir(self.dir))
+            for name in wanted.values():
+                lease = self.backend.acquire(name, script)
+                if lease is None:
+                    conflicts.append(name)
+                else:
+                    leases.append(lease)
+        except BaseException:
+            _release_all(self.backend, leases)      # never leave a partial set held
+            raise
+        if conflicts:
+            _release_all(self.backend, leases)
+            wire.log_action("info", "lock-conflict", SCRIPT=script, CONFLICTS=",".join(conflicts))
+            raise LockConflict(conflicts, script)
+        return HeldLocks(list(wanted.values()), script, leases, self.backend)
+
+    def held(self) -> list:
+        """Return [{"host", "script"}] for every lock currently held by anyone, sorted.
+
+        File locks are probed with a brief shared flock, so a hold() racing with this
+        call may see a spurious conflict; it is meant for operators (list-locks).
+        """
+        return sorted(self.backend.held(), key=lambda row: (row["host"], row["script"]))
+
+
+class Store:
+    """The three state stores of one control host: .registry .runs .locks (no I/O here)."""
+
+    def __init__(self, cfg: Any) -> None:
+        registry, runs, locks = _select_backends(cfg)
+        self.state_dir = cfg.state_dir
+        self.registry = Registry(registry)
+        self.runs = RunStore(runs, cfg.run_retention)
+        self.locks = Locks(locks)
+
+
+def open_store(cfg: Any) -> Store:
+    """Return the Store of cfg, its backends prepared (files: missing directories created).
+
+    Raises:
+        StoreError: the state cannot be used (e.g. state_dir not writable).
+    """
+    store = Store(cfg)
+    try:
+        for backend in (store.registry.backend, store.runs.backend, store.locks.backend):
+            backend.prepare()
+    except StoreError as exc:
+        raise StoreError("state_dir %s is unusable: %s; set state_dir in ctrl-exec.conf to a "
+                         "writable directory" % (cfg.state_dir, exc)) from None
+    return store
+
+
+# --- public API: file backends -----------------------------------------------------------
+
+class _FileRecords:
+    """Records as <state_dir>/<folder>/<key>.json: atomic replace, one flock for writers."""
+
+    def __init__(self, state_dir: str | os.PathLike, folder: str, *, dir_mode: int,
+                 file_mode: int, lock_name: str, label: str, what: Callable[[str], str]) -> None:
+        self.state_dir = os.fspath(state_dir)
+        self.dir = os.path.join(self.state_dir, folder)
+        self._dir_mode = dir_mode
+        self._file_mode = file_mode
+        self._lock_name = lock_name
+        self._label = label
+        self._what = what
+
+    def prepare(self) -> None:
+        """Create state_dir and the folder if missing (modes: see the module docstring)."""
+        _ensure_dir(self.state_dir, STATE_DIR_MODE)
+        _ensure_dir(self.dir, self._dir_mode)
+
+    def where(self, key: str) -> str:
+        """The file of a (valid) key."""
+        return os.path.join(self.dir, key + ".json")
+
+    def get(self, key: str) -> Stored | None:
+        """The file's bytes and age (from its mtime); None if absent; never follows a symlink."""
+        try:
+            fd = os.open(self.where(key), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
         except FileNotFoundError:
-            return 0
+            return None
         except OSError as exc:
-            raise StoreError("cannot list run store %s (%s)" % (self.dir, exc.strerror)) from None
-        for entry in entries:
+            raise StoreError("cannot read %s (%s)" % (self._what(key), exc.strerror)) from None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                age_s = time.time() - os.fstat(fh.fileno()).st_mtime
+                return Stored(fh.read(), age_s)
+        except OSError as exc:
+            raise StoreError("cannot read %s (%s)" % (self._what(key), exc.strerror)) from None
+
+    def put(self, key: str, data: bytes, ttl_s: float | None = None) -> None:
+        """Replace the file atomically, under the folder's flock (ttl_s: the mtime is the age)."""
+        with self._locked():
+            self._write(key, data)
+
+    def update(self, key: str, fn: Callable[[Stored | None], bytes | None],
+               ttl_s: float | None = None) -> None:
+        """Under the folder's flock: write fn(current) unless it is None."""
+        with self._locked():
+            data = fn(self.get(key))
+            if data is not None:
+                self._write(key, data)
+
+    # --- private ---
+
+    def _listdir(self) -> list:
+        """The folder's entries (os.scandir), [] when it does not exist yet."""
+        try:
+            with os.scandir(self.dir) as entries:
+                return list(entries)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StoreError("cannot list %s %s (%s)"
+                             % (self._label, self.dir, exc.strerror)) from None
+
+    def _write(self, key: str, data: bytes) -> None:
+        """Atomically write a record file."""
+        try:
+            wire.atomic_write(self.where(key), data, self._file_mode)
+        except OSError as exc:
+            raise StoreError("cannot write %s (%s)"
+                             % (self._what(key), exc.strerror or exc)) from None
+
+    def _locked(self) -> _FileLock:
+        """Context manager holding the folder's lock file exclusively."""
+        self.prepare()
+        return _FileLock(os.path.join(self.dir, self._lock_name), STATE_LOCK_TIMEOUT_S,
+                         self._label)
+
+
+class FileRegistryBackend(_FileRecords):
+    """RegistryBackend on files: agents/<name>.json 0644, writers serialised by .registry.lock."""
+
+    def __init__(self, state_dir: str | os.PathLike) -> None:
+        super().__init__(state_dir, "agents", dir_mode=AGENTS_DIR_MODE,
+                         file_mode=REGISTRY_FILE_MODE, lock_name=".registry.lock",
+                         label="registry", what=_registry_what)
+
+    def names(self) -> list:
+        """Names of the *.json files (no parsing, no checking)."""
+        return [e.name[:-5] for e in self._listdir() if e.name.endswith(".json")]
+
+    def delete(self, name: str) -> bool:
+        """Unlink the record under the registry lock; True if it existed."""
+        with self._locked():
+            try:
+                os.unlink(self.where(name))
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise StoreError("cannot delete %s (%s)"
+                                 % (self._what(name), exc.strerror)) from None
+        return True
+
+
+class FileRunBackend(_FileRecords):
+    """RunBackend on files: runs/<reqid>.json 0640, writers serialised by .update.lock."""
+
+    def __init__(self, state_dir: str | os.PathLike) -> None:
+        super().__init__(state_dir, "runs", dir_mode=RUNS_DIR_MODE, file_mode=RUN_FILE_MODE,
+                         lock_name=".update.lock", label="run store", what=_run_what)
+
+    def purge(self, max_age_s: float) -> int:
+        """Unlink records (and dead writers' .tmp-* files) whose mtime is older; count records."""
+        cutoff = time.time() - max_age_s
+        count = 0
+        for entry in self._listdir():
             is_record = entry.name.endswith(".json")
             # ".tmp-*": temp files of writers that died mid-write (wire.atomic_write).
             if not (is_record or entry.name.startswith(".tmp-")):
@@ -409,103 +742,55 @@ class RunStore:
                 wire.log_action("err", "run-store-fail", FILE=entry.name, ERROR=exc.strerror)
         return count
 
-    # --- private ---
 
-    def _path(self, reqid) -> str:
-        """File of a reqid, after the allow-regex (a reqid never becomes an arbitrary path)."""
-        if not isinstance(reqid, str) or not RUN_REQID_RE.fullmatch(reqid):
-            raise StoreError("invalid reqid %r; accepted: 1-64 letters, digits, '_' or '-'"
-                             % (reqid if not isinstance(reqid, str) else reqid[:80],))
-        return os.path.join(self.dir, reqid + ".json")
+class FileLockBackend:
+    """LockBackend on files: locks/<host>--<script>.lock 0660, one fcntl.flock per pair."""
 
+    def __init__(self, state_dir: str | os.PathLike) -> None:
+        self.state_dir = os.fspath(state_dir)
+        self.dir = os.path.join(self.state_dir, "locks")
 
-class HeldLocks:
-    """A set of host+script flocks held together; a context manager releasing them on exit."""
-
-    def __init__(self, names: list, script: str, fds: list) -> None:
-        self.names = list(names)
-        self.script = script
-        self._fds = list(fds)
-
-    def release(self) -> None:
-        """Release every lock (idempotent). Closing the fd releases the flock."""
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass                # already closed: the lock is gone either way
-
-    def __enter__(self) -> HeldLocks:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        self.release()
-
-
-class Locks:
-    """Per host+script flocks under <state_dir>/locks/ (instance-local, not for NFS)."""
-
-    def __init__(self, state_dir: str) -> None:
-        self.state_dir = state_dir
-        self.dir = os.path.join(state_dir, "locks")
-
-    def hold(self, names: list, script: str) -> HeldLocks:
-        """Take the locks of every (name, script) pair, all or nothing.
-
-        Use as `with locks.hold(["web-01", "db-01"], "backup"): ...`. The locks stay
-        held until the with block ends (success or exception); the kernel drops them
-        if the process dies. Duplicate names are collapsed.
-        Raises:
-            LockConflict: .conflicts = the names already held (given order); nothing held.
-            StoreError: a name or script is empty / not a string, or a lock file cannot be opened.
-        """
-        if not isinstance(script, str) or not script:
-            raise StoreError("lock script must be a non-empty string")
-        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-            raise StoreError("lock names must be a list of non-empty strings")
+    def prepare(self) -> None:
+        """Create state_dir and locks/ if missing."""
         _ensure_dir(self.state_dir, STATE_DIR_MODE)
         _ensure_dir(self.dir, LOCKS_DIR_MODE)
-        wanted = []
-        seen = set()
-        for name in names:
-            fname = _lock_filename(name, script)
-            if fname not in seen:       # same file twice would conflict with itself
-                seen.add(fname)
-                wanted.append((name, fname))
-        fds, conflicts = [], []
+
+    def key_of(self, name: str, script: str) -> str:
+        """The lock file name: unsafe characters -> '_', long names hashed to fit NAME_MAX."""
+        host = _LOCK_UNSAFE_RE.sub("_", name)
+        safe_script = _LOCK_UNSAFE_RE.sub("_", script)
+        fname = "%s--%s.lock" % (host, safe_script)
+        if len(fname.encode()) > MAX_FILENAME_BYTES:
+            host = host[:80] + "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
+            safe_script = safe_script[:80] + "~" + hashlib.sha256(script.encode()).hexdigest()[:16]
+            fname = "%s--%s.lock" % (host, safe_script)
+        return fname
+
+    def acquire(self, name: str, script: str) -> Lease | None:
+        """flock(LOCK_EX | LOCK_NB) the pair's file; None when another fd holds it."""
+        self.prepare()
+        key = self.key_of(name, script)
+        fd = _open_lock_file(os.path.join(self.dir, key))
         try:
-            for name, fname in wanted:
-                fd = _open_lock_file(os.path.join(self.dir, fname))
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    os.close(fd)
-                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        raise StoreError("cannot lock %s (%s)" % (fname, exc.strerror)) from None
-                    conflicts.append(name)
-                    continue
-                fds.append(fd)
-        except BaseException:
-            _close_all(fds)         # never leave a partial set held
-            raise
-        if conflicts:
-            _close_all(fds)
-            wire.log_action("info", "lock-conflict", SCRIPT=script, CONFLICTS=",".join(conflicts))
-            raise LockConflict(conflicts, script)
-        return HeldLocks([n for n, _ in wanted], script, fds)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreError("cannot lock %s (%s)" % (key, exc.strerror)) from None
+            return None
+        return Lease(key, name, script, fd, None)
+
+    def release(self, lease: Lease) -> None:
+        """Close the fd, which releases the flock."""
+        try:
+            os.close(lease.handle)
+        except OSError:
+            pass                # already closed: the lock is gone either way
 
     def held(self) -> list:
-        """Return [{"host", "script"}] for every lock file currently held by anyone, sorted.
-
-        Probing briefly takes a shared flock on each file, so a hold() racing with this
-        call may see a spurious conflict; it is meant for operators (list-locks).
-        """
+        """[{"host", "script"}] (names as in the file names) of the files someone flocks."""
         try:
-            entries = sorted(os.listdir(self.dir))
+            entries = os.listdir(self.dir)
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -529,42 +814,39 @@ class Locks:
         return out
 
 
-class Store:
-    """The three state stores of one control host: .registry .runs .locks."""
-
-    def __init__(self, cfg) -> None:
-        self.state_dir = cfg.state_dir
-        self.registry = Registry(cfg.state_dir)
-        self.runs = RunStore(cfg.state_dir, cfg.run_retention)
-        self.locks = Locks(cfg.state_dir)
-
-
-def open_store(cfg) -> Store:
-    """Return the Store of cfg, creating missing state directories (see module docstring).
-
-    Raises:
-        StoreError: a directory cannot be created (e.g. state_dir not writable).
-    """
-    store = Store(cfg)
-    try:
-        _ensure_dir(cfg.state_dir, STATE_DIR_MODE)
-        _ensure_dir(store.registry.dir, AGENTS_DIR_MODE)
-        _ensure_dir(store.runs.dir, RUNS_DIR_MODE)
-        _ensure_dir(store.locks.dir, LOCKS_DIR_MODE)
-    except StoreError as exc:
-        raise StoreError("state_dir %s is unusable: %s; set state_dir in ctrl-exec.conf to a "
-                         "writable directory" % (cfg.state_dir, exc)) from None
-    return store
-
-
 # --- private ---------------------------------------------------------------------------
+
+def _select_backends(cfg: Any) -> tuple:
+    """(registry, runs, locks) backends of cfg; no I/O.
+
+    The later state_backend key plugs in here: "files" (the default) -> these three;
+    "redis://..." -> the Redis backends (records with TTL, leases with owner token and
+    fencing number). Everything above the backends stays as it is.
+    """
+    return (FileRegistryBackend(cfg.state_dir), FileRunBackend(cfg.state_dir),
+            FileLockBackend(cfg.state_dir))
+
+
+def _backend_of(source: Any, file_backend: type) -> Any:
+    """A facade's backend: source itself, or the file backend of a state_dir path."""
+    if isinstance(source, (str, os.PathLike)):
+        return file_backend(source)
+    return source
+
+
+def _release_all(backend: LockBackend, leases: list) -> None:
+    """Release leases, releasing them all even if one misbehaves."""
+    while leases:
+        backend.release(leases.pop())
+
 
 class _FileLock:
     """Exclusive flock on a file, polled non-blocking so gevent hubs never stall."""
 
-    def __init__(self, path: str, timeout_s: float) -> None:
+    def __init__(self, path: str, timeout_s: float, label: str) -> None:
         self.path = path
         self.timeout_s = timeout_s
+        self.label = label
         self.fd = -1
 
     def __enter__(self) -> _FileLock:
@@ -577,9 +859,9 @@ class _FileLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(self.fd)
-                    raise StoreError("registry is busy: %s still locked after %gs; retry"
-                                     % (self.path, self.timeout_s)) from None
-                time.sleep(REGISTRY_LOCK_POLL_S)    # patched under gevent: yields
+                    raise StoreError("%s is busy: %s still locked after %gs; retry"
+                                     % (self.label, self.path, self.timeout_s)) from None
+                time.sleep(STATE_LOCK_POLL_S)       # patched under gevent: yields
 
     def __exit__(self, exc_type, exc, tb) -> None:
         os.close(self.fd)
@@ -616,48 +898,26 @@ def _open_lock_file(path: str) -> int:
     return fd
 
 
-def _lock_filename(name: str, script: str) -> str:
-    """locks/ file name of a pair: unsafe characters -> '_', long names hashed to fit NAME_MAX."""
-    host = _LOCK_UNSAFE_RE.sub("_", name)
-    safe_script = _LOCK_UNSAFE_RE.sub("_", script)
-    fname = "%s--%s.lock" % (host, safe_script)
-    if len(fname.encode()) > MAX_FILENAME_BYTES:
-        host = host[:80] + "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
-        safe_script = safe_script[:80] + "~" + hashlib.sha256(script.encode()).hexdigest()[:16]
-        fname = "%s--%s.lock" % (host, safe_script)
-    return fname
+def _registry_what(name: str) -> str:
+    """How messages name a registry record."""
+    return "registry record for %r" % name
 
 
-def _close_all(fds: list) -> None:
-    """Close fds, releasing their flocks."""
-    while fds:
-        try:
-            os.close(fds.pop())
-        except OSError:
-            pass
+def _run_what(reqid: str) -> str:
+    """How messages name a run record."""
+    return "run record %s" % reqid
 
 
-def _read_json(path: str, *, what: str) -> dict | None:
-    """Parse a JSON object file; None if absent; CorruptRecord if not a JSON object."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError("cannot read %s (%s)" % (what, exc.strerror)) from None
-    try:
-        with os.fdopen(fd, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise StoreError("cannot read %s (%s)" % (what, exc.strerror)) from None
+def _decode(data: bytes, *, what: str, where: str) -> dict:
+    """Parse a stored record; CorruptRecord (path=where) unless it is a JSON object."""
     try:
         obj = ujson.loads(data)
     except (ValueError, OverflowError) as exc:
         raise CorruptRecord("%s is corrupt: not valid JSON (%s)" % (what, exc),
-                            path=path) from None
+                            path=where) from None
     if not isinstance(obj, dict):
         raise CorruptRecord("%s is corrupt: expected a JSON object, got %s"
-                            % (what, type(obj).__name__), path=path)
+                            % (what, type(obj).__name__), path=where)
     return obj
 
 
@@ -672,7 +932,7 @@ def _encode(obj: dict, *, pretty: bool, what: str) -> bytes:
         raise StoreError("%s cannot be stored: not JSON-serialisable (%s)" % (what, exc)) from None
 
 
-def _scrub(obj):
+def _scrub(obj: Any) -> Any:
     """Copy obj without any dict key named like a secret (at any depth)."""
     if isinstance(obj, dict):
         return {k: _scrub(v) for k, v in obj.items()
@@ -682,7 +942,7 @@ def _scrub(obj):
     return obj
 
 
-def _valid_port(value) -> int | None:
+def _valid_port(value: Any) -> int | None:
     """value as a port 1-65535, or None."""
     try:
         port = int(value)

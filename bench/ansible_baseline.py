@@ -26,24 +26,18 @@ __all__ = ["SshServer", "run_ansible", "compare_point", "main", "DEFAULT_ANSIBLE
            "SSHD", "ANSIBLE_TIMEOUT_S"]
 
 import argparse
-import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH_DIR)
-for _path in (ROOT, BENCH_DIR):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import fanout  # noqa: E402
-import fleet as fleet_mod  # noqa: E402
+import common  # puts the repository root on sys.path
+import fanout
+import fleet as fleet_mod
+from common import BenchError
 
 DEFAULT_ANSIBLE = "/tmp/bench-ansible-venv/bin/ansible"
 SSHD = "/usr/sbin/sshd"
@@ -57,7 +51,7 @@ class SshServer:
 
     def __init__(self, folder: str) -> None:
         self.dir = folder
-        self.port = fanout.free_port("127.0.0.1")
+        self.port = common.free_port("127.0.0.1")
         self.client_key = os.path.join(folder, "client_key")
         self.proc: subprocess.Popen | None = None
 
@@ -65,10 +59,10 @@ class SshServer:
         """Write keys and config, start ``sshd -D``, wait until it accepts.
 
         Raises:
-            fanout.BenchError: sshd is missing, exits, or does not listen in time.
+            BenchError: sshd is missing, exits, or does not listen in time.
         """
         if not os.path.exists(SSHD):
-            raise fanout.BenchError("%s not found (apt-get install openssh-server)" % SSHD)
+            raise BenchError("%s not found (apt-get install openssh-server)" % SSHD)
         host_key = os.path.join(self.dir, "host_key")
         for key in (host_key, self.client_key):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True,
@@ -97,28 +91,25 @@ class SshServer:
         log = open(os.path.join(self.dir, "sshd.log"), "ab")
         self.proc = subprocess.Popen([SSHD, "-f", conf, "-D", "-e"], stdout=log, stderr=log)
         log.close()
-        end = time.monotonic() + SSHD_START_TIMEOUT_S
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise fanout.BenchError("sshd exited %s; see %s/sshd.log" % (self.proc.returncode,
-                                                                            self.dir))
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise fanout.BenchError("sshd did not listen on 127.0.0.1:%d" % self.port)
+        try:
+            common.wait_ready(self.proc, self._listening,
+                              "sshd on 127.0.0.1:%d (log %s/sshd.log)" % (self.port, self.dir),
+                              SSHD_START_TIMEOUT_S)
+        except BenchError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        common.stop_process(self.proc, 10)
         self.proc = None
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
 
 
 def run_ansible(ansible: str, ssh: SshServer, script: str, hosts: int, forks: int,
@@ -200,11 +191,8 @@ def _empty_cfg(folder: str) -> str:
 
 
 def _median(rows: list) -> dict:
-    out = dict(rows[0])
-    for key in ("wall_s", "cpu_s"):
-        out[key] = round(statistics.median(r[key] for r in rows), 3)
-    out["ok_hosts"] = min(r["ok_hosts"] for r in rows)
-    return out
+    """The first row (path, forks, errors) with the median wall_s / cpu_s and the least ok_hosts."""
+    return dict(rows[0], **common.median_row(rows, ("wall_s", "cpu_s")))
 
 
 def _print_point(point: dict) -> None:
@@ -228,13 +216,13 @@ def main(argv: list | None = None) -> int:
                         help="ansible executable (default %(default)s)")
     parser.add_argument("--root", default="", help="fleet folder (default /tmp/ctrlexec-bench-<N>)")
     opts = parser.parse_args(argv)
-    counts = [int(part) for part in opts.hosts.split(",") if part.strip()]
+    counts = common.host_counts(parser, opts.hosts)
     if not os.access(opts.ansible, os.X_OK):
         sys.stderr.write("blocked: %s not found; install it with: python -m venv "
                          "/tmp/bench-ansible-venv && /tmp/bench-ansible-venv/bin/pip install "
                          "ansible-core\n" % opts.ansible)
         return 2
-    fleet_mod.raise_fd_limit()
+    common.raise_fd_limit()
     fleet = fleet_mod.BenchFleet(opts.root or "/tmp/ctrlexec-bench-%d" % max(counts),
                                  max(counts)).build()
     fleet.write_conf()
@@ -244,13 +232,10 @@ def main(argv: list | None = None) -> int:
     try:
         ssh.start()
         for hosts in counts:
-            before = fanout.load_average()
+            before = common.load_average()
             point = compare_point(fleet, ssh, opts.ansible, hosts, opts.repeat)
-            point.update(load_avg_before=before, load_avg_after=fanout.load_average())
-            if opts.json:
-                print(json.dumps(point), flush=True)
-            else:
-                _print_point(point)
+            point.update(load_avg_before=before, load_avg_after=common.load_average())
+            common.report(point, as_json=opts.json, printer=_print_point)
     finally:
         ssh.stop()
         fleet.stop()

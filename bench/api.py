@@ -40,19 +40,12 @@ __all__ = ["run_wrk", "run_gevent_load", "script_run_time_ms", "measure_api", "m
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH_DIR)
-for _path in (ROOT, BENCH_DIR):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-import fanout  # noqa: E402
+import common  # noqa: E402  (puts the repository root on sys.path)
 import fleet as fleet_mod  # noqa: E402
 
 DEFAULT_DURATION_S = 10.0
@@ -130,22 +123,18 @@ def run_wrk(port: int, *, method: str, path: str, hosts: list, clients: int, dur
                              {"connect": raw["connect_errors"], "read": raw["read_errors"],
                               "write": raw["write_errors"], "status": raw["status_errors"],
                               "timeout": raw["timeouts"]})
-    raise fanout.BenchError("wrk printed no summary (exit %d): %s" % (out.returncode,
+    raise common.BenchError("wrk printed no summary (exit %d): %s" % (out.returncode,
                                                                       out.stderr[-500:]))
 
 
 def run_gevent_load(port: int, *, method: str, path: str, hosts: list, clients: int,
                     duration_s: float, keepalive: bool = False) -> dict:
     """The same load from a gevent child process (when wrk is not installed)."""
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--loadgen-child", "--port", str(port),
-         "--method", method, "--path", path, "--hosts-list", ",".join(hosts),
-         "--clients", str(clients), "--duration", str(duration_s)]
-        + (["--keepalive"] if keepalive else []),
-        capture_output=True, text=True, timeout=duration_s + 60)
-    if out.returncode != 0:
-        raise fanout.BenchError("load generator exited %d: %s" % (out.returncode, out.stderr[-500:]))
-    return json.loads(out.stdout)
+    return common.run_json_child(
+        [os.path.abspath(__file__), "--loadgen-child", "--port", str(port), "--method", method,
+         "--path", path, "--hosts-list", ",".join(hosts), "--clients", str(clients),
+         "--duration", str(duration_s)] + (["--keepalive"] if keepalive else []),
+        what="load generator", timeout_s=duration_s + 60)
 
 
 def script_run_time_ms(path: str, samples: int = SCRIPT_SAMPLES) -> float:
@@ -168,7 +157,7 @@ def measure_api(fleet, *, clients: int, duration_s: float, tool: str) -> dict:
          "keepalive": {the same three rows and run_overhead_p50_ms, with Connection: keep-alive}}
     """
     load = run_wrk if tool == "wrk" else run_gevent_load
-    api = fanout.ApiProcess(fleet, max_parallel=fanout.DEFAULT_MAX_PARALLEL,
+    api = common.ApiProcess(fleet, max_parallel=common.DEFAULT_MAX_PARALLEL,
                             log_name="api-bench.log").start()
     try:
         names = fleet.names
@@ -185,7 +174,7 @@ def measure_api(fleet, *, clients: int, duration_s: float, tool: str) -> dict:
                 "run_1host_serial": load(api.port, method="POST", path="/run",
                                          hosts=names[-1:], clients=1, duration_s=duration_s,
                                          keepalive=keepalive)}
-        rss = fanout.proc_peak_rss_mb(api.proc.pid)
+        rss = common.proc_peak_rss_mb(api.proc.pid)
     finally:
         api.stop()
     script_ms = script_run_time_ms(fleet.script_path)
@@ -193,7 +182,7 @@ def measure_api(fleet, *, clients: int, duration_s: float, tool: str) -> dict:
         row["run_overhead_p50_ms"] = round(row["run_1host_serial"]["p50_ms"] - script_ms, 3)
     result = dict(rows[False])
     result.update(script_p50_ms=script_ms, api_peak_rss_mb=rss,
-                  api_max_children=fanout.API_MAX_CHILDREN, keepalive=rows[True])
+                  api_max_children=common.API_MAX_CHILDREN, keepalive=rows[True])
     return result
 
 
@@ -332,25 +321,18 @@ def main(argv: list | None = None) -> int:
         print(json.dumps(_gevent_load(opts.port, opts.method, opts.path, hosts, opts.clients,
                                       opts.duration, opts.keepalive)))
         return 0
-    tool = opts.loadgen
-    if tool == "auto":
-        tool = "wrk" if shutil.which("wrk") else "gevent"
-    if tool == "wrk" and not shutil.which("wrk"):
-        parser.error("wrk is not installed (apt-get install wrk), use --loadgen gevent")
-    fleet_mod.raise_fd_limit()
+    tool = common.pick_loadgen(parser, opts.loadgen)
+    common.raise_fd_limit()
     fleet = fleet_mod.BenchFleet(opts.root or "/tmp/ctrlexec-bench-api", opts.clients + 1).build()
     fleet.start()
     try:
-        before = fanout.load_average()
+        before = common.load_average()
         result = measure_api(fleet, clients=opts.clients, duration_s=opts.duration, tool=tool)
-        result.update(load_avg_before=before, load_avg_after=fanout.load_average(),
-                      machine=fanout.machine_info())
+        result.update(load_avg_before=before, load_avg_after=common.load_average(),
+                      machine=common.machine_info())
     finally:
         fleet.stop()
-    if opts.json:
-        print(json.dumps(result))
-    else:
-        _print_result(result)
+    common.report(result, as_json=opts.json, printer=_print_result)
     return 0
 
 

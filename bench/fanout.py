@@ -1,7 +1,7 @@
 """Fan-out benchmark: one trivial allowlisted script on N real agents.
 
 Owns: starting the bench fleet (bench/fleet.py) and a real API process
-(``ctrlexec_api.py --config``), timing a sync ``POST /run`` on N hosts through
+(``common.ApiProcess``), timing a sync ``POST /run`` on N hosts through
 that API, and the same job through ``engine.Engine.dispatch_all`` directly in
 a separate gevent process.  For each path it reports wall time, the
 dispatcher's CPU time (utime+stime from /proc/<pid>/stat around the job) and
@@ -30,109 +30,22 @@ if __name__ == "__main__" and "--engine-child" in sys.argv:
 
     monkey.patch_all()
 
-__all__ = [
-    "ApiProcess", "BenchError", "run_api_job", "run_engine_job", "measure_point",
-    "proc_cpu_s", "proc_peak_rss_mb", "load_average", "machine_info", "free_port", "main",
-    "API_START_TIMEOUT_S", "JOB_TIMEOUT_S", "DEFAULT_MAX_PARALLEL",
-]
+__all__ = ["run_api_job", "run_engine_job", "measure_point", "main"]
 
 import argparse  # noqa: E402
-import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH_DIR)
-for _path in (ROOT, BENCH_DIR):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
+import common  # noqa: E402  (puts the repository root on sys.path)
 import fleet as fleet_mod  # noqa: E402
+from common import DEFAULT_MAX_PARALLEL, JOB_TIMEOUT_S, ApiProcess  # noqa: E402
 
-#: API start-up (bind + first /health) and one whole job.
-API_START_TIMEOUT_S = 30.0
-JOB_TIMEOUT_S = 300.0
-#: Hosts talked to at once (ctrl-exec.conf max_parallel) unless --max-parallel says otherwise.
-DEFAULT_MAX_PARALLEL = 256
-#: API concurrency slots for the bench (api.py drives 64 clients).
-API_MAX_CHILDREN = 128
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(Exception):
-    """A bench step failed (process did not start, job did not answer)."""
-
-
-class ApiProcess:
-    """``python ctrlexec_api.py --config PATH`` as a subprocess on a free loopback port."""
-
-    def __init__(self, fleet, *, max_parallel: int, log_name: str = "api.log", **conf) -> None:
-        self.fleet = fleet
-        self.port = free_port("127.0.0.1")
-        fleet.write_conf(api_port=self.port, max_parallel=max_parallel,
-                         api_max_children=API_MAX_CHILDREN, **conf)
-        self.log_path = os.path.join(fleet.root, log_name)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "ApiProcess":
-        """Start the API and wait until GET /health answers 200.
-
-        Raises:
-            BenchError: the process exited or /health did not answer in time.
-        """
-        env = dict(os.environ, CTRL_EXEC_LOG="stderr")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, os.path.join(ROOT, "ctrlexec_api.py"), "--config",
-                 self.fleet.conf_path], stdout=log, stderr=log, env=env, cwd=self.fleet.root)
-        end = time.monotonic() + API_START_TIMEOUT_S
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise BenchError("ctrlexec_api.py exited %s; see %s" % (self.proc.returncode,
-                                                                       self.log_path))
-            try:
-                status, _ = self.request("GET", "/health", timeout=2.0)
-                if status == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise BenchError("ctrlexec_api.py did not answer /health within %ds" % API_START_TIMEOUT_S)
-
-    def request(self, method: str, path: str, body: dict | None = None, *,
-                timeout: float = JOB_TIMEOUT_S) -> tuple:
-        """One HTTP exchange; returns (status, parsed JSON body)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            data = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, path, body=data, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(fleet_mod.STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
+#: The figures of a row that are reported as medians over the repetitions.
+_FIGURES = ("wall_s", "dispatcher_cpu_s", "per_host_cpu_ms", "api_peak_rss_mb", "agent_cpu_s")
 
 
 def run_api_job(api: ApiProcess, names: list, agent_pids: list) -> dict:
@@ -143,15 +56,15 @@ def run_api_job(api: ApiProcess, names: list, agent_pids: list) -> dict:
          "agent_cpu_s", "api_peak_rss_mb", "status"}
     """
     pid = api.proc.pid
-    cpu0, agents0 = proc_cpu_s(pid), sum(proc_cpu_s(p, children=True) for p in agent_pids)
+    cpu0, agents0 = common.proc_cpu_s(pid), _agents_cpu_s(agent_pids)
     started = time.perf_counter()
     status, body = api.request("POST", "/run", {"hosts": names, "script": fleet_mod.SCRIPT_NAME})
     wall = time.perf_counter() - started
-    cpu = proc_cpu_s(pid) - cpu0
-    agents = sum(proc_cpu_s(p, children=True) for p in agent_pids) - agents0
+    cpu = common.proc_cpu_s(pid) - cpu0
+    agents = _agents_cpu_s(agent_pids) - agents0
     results = (body or {}).get("results") or []
-    return _row("api", len(names), _ok_count(results), wall, cpu, agents,
-                proc_peak_rss_mb(pid), status=status, errors=_errors(results))
+    return _row("api", len(names), common.ok_count(results), wall, cpu, agents,
+                common.proc_peak_rss_mb(pid), status=status, errors=_errors(results))
 
 
 def run_engine_job(root: str, hosts: int, max_parallel: int, runs: int = 2) -> list:
@@ -159,16 +72,11 @@ def run_engine_job(root: str, hosts: int, max_parallel: int, runs: int = 2) -> l
 
     Returns: one row per run (the first is cold, later ones warm), shaped like run_api_job's.
     """
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--engine-child", "--root", root,
-         "--hosts", str(hosts), "--max-parallel", str(max_parallel), "--repeat", str(runs)],
-        capture_output=True, timeout=JOB_TIMEOUT_S * runs, env=dict(os.environ, CTRL_EXEC_LOG="stderr"))
-    with open(os.path.join(root, "engine.log"), "ab") as log:
-        log.write(out.stderr)
-    if out.returncode != 0:
-        raise BenchError("engine child exited %d: %s" % (out.returncode, out.stderr[-2000:].decode(
-            "utf-8", "replace")))
-    return json.loads(out.stdout)
+    return common.run_json_child(
+        [os.path.abspath(__file__), "--engine-child", "--root", root, "--hosts", str(hosts),
+         "--max-parallel", str(max_parallel), "--repeat", str(runs)],
+        what="engine child", timeout_s=JOB_TIMEOUT_S * runs,
+        log_path=os.path.join(root, "engine.log"))
 
 
 def measure_point(fleet, hosts: int, *, repeat: int, max_parallel: int,
@@ -212,58 +120,6 @@ def measure_point(fleet, hosts: int, *, repeat: int, max_parallel: int,
     return point
 
 
-def proc_cpu_s(pid: int, *, children: bool = False) -> float:
-    """utime+stime of ``pid`` in seconds (+ reaped children's with children=True)."""
-    with open("/proc/%d/stat" % pid) as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    if children:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / _TICKS
-
-
-def proc_peak_rss_mb(pid: int) -> float:
-    """VmHWM (peak resident set) of ``pid`` in MiB."""
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024.0, 1)
-    return 0.0
-
-
-def load_average() -> list:
-    return [round(value, 2) for value in os.getloadavg()]
-
-
-def machine_info() -> dict:
-    """CPU model, cores, memory, kernel, Python and OpenSSL versions."""
-    import ssl
-
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return {"cpu": model, "cores": os.cpu_count(), "memory_gib": round(memory_gib, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "openssl": ssl.OPENSSL_VERSION}
-
-
-def free_port(address: str) -> int:
-    """A TCP port that is free on ``address`` right now."""
-    sock = socket.socket()
-    try:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
-
-
 # --- private ---
 
 
@@ -283,17 +139,16 @@ def _engine_child(root: str, hosts: int, max_parallel: int, runs: int) -> int:
     registry = store.Registry(cfg.state_dir)
     rows = []
     for _ in range(runs):
-        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0, _ = common.rusage_self()
         started = time.perf_counter()
         targets = registry.resolve(names)
         results = eng.dispatch_all(targets, script=fleet_mod.SCRIPT_NAME, args=[],
                                    reqid=wire.new_reqid())
         wall = time.perf_counter() - started
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime)
-        rows.append(_row("engine", hosts, _ok_count(results), wall, cpu, None,
-                         round(usage.ru_maxrss / 1024.0, 1), errors=_errors(results),
-                         handshakes=eng.stats["handshakes"], resumed=eng.stats["resumed"]))
+        cpu, rss = common.rusage_self()
+        rows.append(_row("engine", hosts, common.ok_count(results), wall, cpu - cpu0, None, rss,
+                         errors=_errors(results), handshakes=eng.stats["handshakes"],
+                         resumed=eng.stats["resumed"]))
     print(json.dumps(rows))
     return 0
 
@@ -341,20 +196,17 @@ def _row(path: str, hosts: int, ok: int, wall: float, cpu: float, agent_cpu, rss
 
 
 def _median_row(rows: list) -> dict:
-    """Per-key median of the numeric fields (ok_hosts: the minimum, so a failure shows)."""
-    out = {"hosts": rows[0]["hosts"], "ok_hosts": min(r["ok_hosts"] for r in rows)}
-    for key in ("wall_s", "dispatcher_cpu_s", "per_host_cpu_ms", "api_peak_rss_mb", "agent_cpu_s"):
-        values = [r[key] for r in rows if r.get(key) is not None]
-        if values:
-            out[key] = round(statistics.median(values), 3)
+    """common.median_row of the figures, plus the first few errors of any row."""
+    out = common.median_row(rows, _FIGURES)
     errors = [e for r in rows for e in r.get("errors") or []]
     if errors:
         out["errors"] = errors[:5]
     return out
 
 
-def _ok_count(results: list) -> int:
-    return sum(1 for row in results if row.get("exit") == 0 and row.get("stdout") == "ok\n")
+def _agents_cpu_s(pids: list) -> float:
+    """CPU of the agent host processes, the scripts they reaped included."""
+    return sum(common.proc_cpu_s(pid, children=True) for pid in pids)
 
 
 def _errors(results: list) -> list:
@@ -411,14 +263,12 @@ def main(argv: list | None = None) -> int:
                         help="py-spy the API and one agent host during the first repetition")
     parser.add_argument("--engine-child", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
-    counts = [int(part) for part in opts.hosts.split(",") if part.strip()]
-    if not counts or min(counts) < 1:
-        parser.error("--hosts takes positive integers, e.g. 1000 or 1,10,100")
+    counts = common.host_counts(parser, opts.hosts)
     if opts.profile and not shutil.which("py-spy"):
         parser.error("--profile needs py-spy (pip install py-spy)")
     if opts.engine_child:
         return _engine_child(opts.root, counts[0], opts.max_parallel, opts.repeat)
-    fleet_mod.raise_fd_limit()
+    common.raise_fd_limit()
     root = opts.root or "/tmp/ctrlexec-bench-%d" % max(counts)
     fleet = fleet_mod.BenchFleet(root, max(counts))
     _say(opts, "fleet of %d agents in %s (built unless already there) ..." % (max(counts), root))
@@ -429,15 +279,12 @@ def main(argv: list | None = None) -> int:
         _say(opts, "agents up in %d host processes" % len(fleet.procs))
         for hosts in counts:
             max_parallel = opts.max_parallel or min(hosts, DEFAULT_MAX_PARALLEL)
-            before = load_average()
+            before = common.load_average()
             point = measure_point(fleet, hosts, repeat=opts.repeat, max_parallel=max_parallel,
                                   engine=not opts.no_engine, profile_dir=opts.profile)
             point.update(agent_procs=len(fleet.procs), load_avg_before=before,
-                         load_avg_after=load_average(), machine=machine_info())
-            if opts.json:
-                print(json.dumps(point, sort_keys=False), flush=True)
-            else:
-                _print_point(point)
+                         load_avg_after=common.load_average(), machine=common.machine_info())
+            common.report(point, as_json=opts.json, printer=_print_point)
     finally:
         fleet.stop()
     return 0

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 __all__ = [
     "BenchFleet", "FleetError", "SCRIPT_NAME", "SCRIPT_BODY", "AGENTS_PER_PROCESS", "AGENT_PORTS",
-    "START_TIMEOUT_S", "STOP_TIMEOUT_S", "raise_fd_limit", "main",
+    "START_TIMEOUT_S", "main",
 ]
 
 import argparse
 import json
 import os
 import random
-import resource
 import selectors
 import signal
 import socket
@@ -38,9 +37,7 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from common import STOP_TIMEOUT_S, raise_fd_limit  # puts the repository root on sys.path
 
 import config  # noqa: E402
 import ctrlexec_agent as wire  # noqa: E402
@@ -53,9 +50,8 @@ SCRIPT_NAME = "bench-ok"
 SCRIPT_BODY = "#!/bin/sh\necho ok\n"
 #: Listeners one agent host process drives (4 processes for 1,000 agents).
 AGENTS_PER_PROCESS = 250
-#: Agent host start-up (1,000 TLS contexts loaded) and stop deadlines.
+#: Agent host start-up (1,000 TLS contexts loaded); stops use common.STOP_TIMEOUT_S.
 START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
 #: Agent ports are spread over this range (below the ephemeral ports).
 AGENT_PORTS = (20000, 30000)
 #: Agents per /24 of the 127.B.x.y plan (addresses .2 to .251).
@@ -225,14 +221,6 @@ class BenchFleet:
         finally:
             sel.close()
         raise FleetError("agent host %d not ready after %ds" % (proc.pid, START_TIMEOUT_S))
-
-
-def raise_fd_limit() -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 # --- private ---

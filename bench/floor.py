@@ -43,10 +43,9 @@ __all__ = ["measure_tls", "measure_dispatcher", "measure_agent", "measure_http",
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
 import socket  # noqa: E402
 import ssl  # noqa: E402
 import statistics  # noqa: E402
@@ -54,15 +53,10 @@ import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH_DIR)
-for _path in (ROOT, BENCH_DIR):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
+import common  # noqa: E402  (puts the repository root on sys.path)
 import ctrlexec_agent as wire  # noqa: E402
-import fanout  # noqa: E402
 import fleet as fleet_mod  # noqa: E402
+from common import BenchError  # noqa: E402
 
 #: In-memory handshakes per kind (full / resumed).
 TLS_HANDSHAKES = 300
@@ -114,16 +108,11 @@ def measure_dispatcher(fleet, hosts: int, *, max_parallel: int, repeat: int) -> 
         {"floor": {"cold": row, "warm": row}, "engine": {"cold": row, "warm": row}} where
         row = {"hosts", "ok_hosts", "wall_s", "cpu_s", "per_host_cpu_ms"} (medians)
     """
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", "dispatcher", "--root", fleet.root,
+    return common.run_json_child(
+        [os.path.abspath(__file__), "--child", "dispatcher", "--root", fleet.root,
          "--hosts", str(hosts), "--max-parallel", str(max_parallel), "--repeat", str(repeat)],
-        capture_output=True, timeout=CHILD_TIMEOUT_S, env=dict(os.environ, CTRL_EXEC_LOG="stderr"))
-    with open(os.path.join(fleet.root, "floor-dispatcher.log"), "ab") as log:
-        log.write(out.stderr)
-    if out.returncode != 0:
-        raise fanout.BenchError("dispatcher child exited %d: %s" % (
-            out.returncode, out.stderr[-2000:].decode("utf-8", "replace")))
-    return json.loads(out.stdout)
+        what="dispatcher child", timeout_s=CHILD_TIMEOUT_S,
+        log_path=os.path.join(fleet.root, "floor-dispatcher.log"))
 
 
 def measure_agent(fleet, requests: int = AGENT_REQUESTS) -> dict:
@@ -136,21 +125,12 @@ def measure_agent(fleet, requests: int = AGENT_REQUESTS) -> dict:
         {"floor": {"cpu_ms_per_request", "p50_ms"}, "agent": {...}, "requests"}
     """
     client_ctx = wire.client_context(*_dispatcher_files(fleet))
-    request = wire.encode_request("POST", "/run", {"script": fleet_mod.SCRIPT_NAME, "args": [],
-                                                   "reqid": wire.new_reqid()})
-    port = fanout.free_port(FLOOR_AGENT_ADDRESS)
-    server = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--child", "agent", "--root", fleet.root,
-         "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        if server.stdout.readline().strip() != b"READY":
-            raise fanout.BenchError("agent floor server did not start")
+    request = _bench_request()
+    port = common.free_port(FLOOR_AGENT_ADDRESS)
+    with _ready_child(["agent", "--root", fleet.root, "--port", str(port)],
+                      "agent floor server") as server:
         floor = _serial_requests(client_ctx, (FLOOR_AGENT_ADDRESS, port), request, requests,
                                  server.pid)
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
     target = fleet.layout["agents"][0]
     agent_cfg = wire.load_agent_config(os.path.join(target["dir"], "agent.conf"))
     single = fleet_mod.BenchFleet(fleet.root, 1).build()
@@ -172,23 +152,34 @@ def measure_http(*, clients: int = HTTP_CLIENTS, duration_s: float = HTTP_DURATI
     import api as api_bench
 
     load = api_bench.run_wrk if tool == "wrk" else api_bench.run_gevent_load
-    port = fanout.free_port("127.0.0.1")
-    server = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--child", "http", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        if server.stdout.readline().strip() != b"READY":
-            raise fanout.BenchError("bare pywsgi server did not start")
+    port = common.free_port("127.0.0.1")
+    with _ready_child(["http", "--port", str(port)], "bare pywsgi server"):
         return {mode: load(port, method="GET", path="/health", hosts=[], clients=clients,
                            duration_s=duration_s, keepalive=mode == "keepalive")
                 for mode in ("close", "keepalive")}
-    finally:
-        server.terminate()
-        server.wait(10)
-        server.stdout.close()
 
 
 # --- private ---
+
+
+@contextlib.contextmanager
+def _ready_child(args: list, what: str):
+    """``floor.py --child ARGS`` that prints READY once it listens; stopped on exit."""
+    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child"] + args,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        if server.stdout.readline().strip() != b"READY":
+            raise BenchError("%s did not start" % what)
+        yield server
+    finally:
+        common.stop_process(server, 10)
+        server.stdout.close()
+
+
+def _bench_request() -> bytes:
+    """The wire request of one bench script run (a fresh reqid)."""
+    return wire.encode_request("POST", "/run", {"script": fleet_mod.SCRIPT_NAME, "args": [],
+                                                "reqid": wire.new_reqid()})
 
 
 def _fleet_contexts(fleet) -> tuple:
@@ -260,7 +251,7 @@ def _serial_requests(client_ctx, address: tuple, request: bytes, count: int, pid
     """``count`` requests one after the other, resuming; the server process's CPU per request."""
     session = None
     latencies = []
-    cpu0 = fanout.proc_cpu_s(pid, children=True)
+    cpu0 = common.proc_cpu_s(pid, children=True)
     for _ in range(count):
         started = time.perf_counter()
         with socket.create_connection(address, timeout=30) as sock:
@@ -270,8 +261,8 @@ def _serial_requests(client_ctx, address: tuple, request: bytes, count: int, pid
                     session = tls.session
         latencies.append(time.perf_counter() - started)
         if not answer.startswith(b"HTTP/1.0 200") or b'"ok\\n"' not in answer:
-            raise fanout.BenchError("unexpected answer from %s:%d: %r" % (address + (answer[:200],)))
-    cpu = fanout.proc_cpu_s(pid, children=True) - cpu0
+            raise BenchError("unexpected answer from %s:%d: %r" % (address + (answer[:200],)))
+    cpu = common.proc_cpu_s(pid, children=True) - cpu0
     return {"cpu_ms_per_request": round(cpu * 1000.0 / count, 3),
             "p50_ms": round(statistics.median(latencies) * 1000.0, 3)}
 
@@ -289,8 +280,7 @@ def _dispatcher_child(root: str, hosts: int, max_parallel: int, repeat: int) -> 
     cfg = config.load(fleet.conf_path)
     cfg.max_parallel = max_parallel
     targets = store.Registry(cfg.state_dir).resolve(fleet.names[:hosts])
-    request = wire.encode_request("POST", "/run", {"script": fleet_mod.SCRIPT_NAME, "args": [],
-                                                   "reqid": wire.new_reqid()})
+    request = _bench_request()
     rows = {"floor": {"cold": [], "warm": []}, "engine": {"cold": [], "warm": []}}
     for _ in range(repeat):
         ctx = wire.client_context(cfg.cert, cfg.key, cfg.ca)
@@ -314,31 +304,23 @@ def _dispatcher_child(root: str, hosts: int, max_parallel: int, repeat: int) -> 
                 gevent.pool.Pool(max_parallel).map(exchange, targets)), hosts))
         eng = engine.Engine.from_config(cfg)
         for kind in ("cold", "warm"):
-            rows["engine"][kind].append(_timed(lambda: sum(
-                1 for row in eng.dispatch_all(targets, script=fleet_mod.SCRIPT_NAME, args=[],
-                                              reqid=wire.new_reqid())
-                if row.get("exit") == 0 and row.get("stdout") == "ok\n"), hosts))
-    print(json.dumps({path: {kind: _median(found) for kind, found in kinds.items()}
+            rows["engine"][kind].append(_timed(lambda: common.ok_count(eng.dispatch_all(
+                targets, script=fleet_mod.SCRIPT_NAME, args=[], reqid=wire.new_reqid())), hosts))
+    print(json.dumps({path: {kind: common.median_row(found, ("wall_s", "cpu_s", "per_host_cpu_ms"))
+                             for kind, found in kinds.items()}
                       for path, kinds in rows.items()}))
     return 0
 
 
 def _timed(job, hosts: int) -> dict:
-    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    """Run job() (it returns the ok host count); its wall and CPU time in this process."""
+    cpu0, _ = common.rusage_self()
     started = time.perf_counter()
     ok = job()
     wall = time.perf_counter() - started
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime)
+    cpu = common.rusage_self()[0] - cpu0
     return {"hosts": hosts, "ok_hosts": ok, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
             "per_host_cpu_ms": round(cpu * 1000.0 / hosts, 3)}
-
-
-def _median(rows: list) -> dict:
-    out = {key: statistics.median(row[key] for row in rows)
-           for key in ("wall_s", "cpu_s", "per_host_cpu_ms")}
-    out.update(hosts=rows[0]["hosts"], ok_hosts=min(row["ok_hosts"] for row in rows))
-    return out
 
 
 def _agent_child(root: str, port: int) -> int:
@@ -435,7 +417,7 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--only", default="tls,dispatcher,agent,http",
                         help="comma list of tls, dispatcher, agent, http")
     parser.add_argument("--max-parallel", type=int, default=0,
-                        help="pool size (default: min(N, %d))" % fanout.DEFAULT_MAX_PARALLEL)
+                        help="pool size (default: min(N, %d))" % common.DEFAULT_MAX_PARALLEL)
     parser.add_argument("--requests", type=int, default=AGENT_REQUESTS, help="agent: serial requests")
     parser.add_argument("--duration", type=float, default=HTTP_DURATION_S, help="http: seconds per mode")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "gevent"), default="auto")
@@ -443,7 +425,7 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     root = opts.root or "/tmp/ctrlexec-bench-%d" % opts.hosts
-    max_parallel = opts.max_parallel or min(opts.hosts, fanout.DEFAULT_MAX_PARALLEL)
+    max_parallel = opts.max_parallel or min(opts.hosts, common.DEFAULT_MAX_PARALLEL)
     if opts.child == "dispatcher":
         return _dispatcher_child(root, opts.hosts, max_parallel, opts.repeat)
     if opts.child == "agent":
@@ -454,11 +436,9 @@ def main(argv: list | None = None) -> int:
     unknown = wanted - {"tls", "dispatcher", "agent", "http"}
     if unknown:
         parser.error("--only takes tls, dispatcher, agent, http; got %s" % ", ".join(sorted(unknown)))
-    tool = opts.loadgen
-    if tool == "auto":
-        tool = "wrk" if shutil.which("wrk") else "gevent"
-    fleet_mod.raise_fd_limit()
-    result = {"load_avg_before": fanout.load_average(), "machine": fanout.machine_info()}
+    tool = common.pick_loadgen(parser, opts.loadgen) if "http" in wanted else ""
+    common.raise_fd_limit()
+    result = {"load_avg_before": common.load_average(), "machine": common.machine_info()}
     fleet = fleet_mod.BenchFleet(root, opts.hosts).build()
     if "tls" in wanted:
         result["tls"] = measure_tls(fleet)
@@ -474,11 +454,8 @@ def main(argv: list | None = None) -> int:
         result["agent"] = measure_agent(fleet, opts.requests)
     if "http" in wanted:
         result["http"] = measure_http(duration_s=opts.duration, tool=tool)
-    result["load_avg_after"] = fanout.load_average()
-    if opts.json:
-        print(json.dumps(result))
-    else:
-        _print(result)
+    result["load_avg_after"] = common.load_average()
+    common.report(result, as_json=opts.json, printer=_print)
     return 0
 
 

@@ -4,7 +4,8 @@ and the real API process.
 `call()` drives make_app() through wsgiref.validate (STYLE §20) and checks every
 response against the schema that openapi.json documents for that path + status.
 `ApiServer` is `python ctrlexec_api.py --config PATH` as a child process, the one
-handle every over-the-wire test uses.
+handle every over-the-wire test uses (the API tests, the stream tests and the
+reliability suite); `http_call()` is its bounded plain-HTTP client.
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ import io
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 import wsgiref.util
 import wsgiref.validate
 
 import jsonschema
 
-from fleet import free_port
+from fleet import free_port, read_log, stop_process, wait_logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC_PATH = os.path.join(ROOT, "openapi.json")
@@ -152,6 +151,8 @@ class ApiServer:
     ``start()`` returns once the log shows ACTION=api-start (a restart on the same log
     only looks at what the new process wrote); ``stop()`` is SIGTERM with a bounded
     wait, then SIGKILL. The log goes to ``log_path`` with CTRL_EXEC_LOG=stderr.
+    ``request()`` checks the answer against openapi.json; ``call()`` does not (hostile
+    and fault tests send what the spec forbids).
     """
 
     def __init__(self, conf_path: str, log_path: str, port: int) -> None:
@@ -175,33 +176,20 @@ class ApiServer:
             self.proc = subprocess.Popen([sys.executable, API, "--config", self.conf_path],
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                          env=env, cwd=ROOT)
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise AssertionError("API exited %s:\n%s" % (self.proc.returncode, self.log()))
-            with open(self.log_path, "rb") as fh:
-                fh.seek(offset)
-                if b"ACTION=api-start" in fh.read():
-                    return self
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError("API did not start within %.0fs:\n%s" % (timeout_s, self.log()))
+        try:
+            wait_logged(self.proc, self.log_path, b"ACTION=api-start", "API", offset=offset,
+                        timeout_s=timeout_s)
+        except AssertionError:
+            self.kill()
+            raise
+        return self
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> int | None:
         """SIGTERM, bounded wait, then SIGKILL; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(API_WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
+        return stop_process(self.proc, API_WAIT_S)
 
     def kill(self) -> None:
         """SIGKILL (a crash: no graceful stop, nothing flushed)."""
@@ -210,11 +198,7 @@ class ApiServer:
             self.proc.wait(5)
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                return fh.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def rss_kb(self) -> int:
         """Resident set size of the API process (kB, from /proc)."""
@@ -237,6 +221,46 @@ class ApiServer:
             return resp.status, parsed.json
         finally:
             conn.close()
+
+    def call(self, method: str, path: str, body=None, *, raw: bytes | None = None,
+             headers: dict | None = None, timeout: float = API_WAIT_S) -> tuple:
+        """One unchecked HTTP exchange; returns (status, headers, JSON, NDJSON list or bytes)."""
+        return http_call(self.port, method, path, body, raw=raw, headers=headers, timeout=timeout)
+
+    def health_ok(self) -> bool:
+        """True when GET /health answers 200 {"ok": true} within 5 s."""
+        try:
+            status, _, body = self.call("GET", "/health", timeout=5)
+        except (OSError, http.client.HTTPException):
+            return False
+        return status == 200 and isinstance(body, dict) and body.get("ok") is True
+
+
+def http_call(port: int, method: str, path: str, body=None, *, raw: bytes | None = None,
+              headers: dict | None = None, timeout: float = API_WAIT_S,
+              address: str = "127.0.0.1") -> tuple:
+    """One HTTP/1.1 exchange with a deadline on every socket operation (no spec check).
+
+    Returns (status, headers with lower-case names, parsed JSON / NDJSON list, else bytes).
+    """
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        hdrs = dict(headers or {})
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        payload = resp.read()
+        got = {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+    ctype = got.get("content-type", "")
+    if ctype.startswith("application/json") and payload:
+        return resp.status, got, json.loads(payload)
+    if ctype.startswith("application/x-ndjson"):
+        return resp.status, got, [json.loads(l) for l in payload.splitlines() if l.strip()]
+    return resp.status, got, payload
 
 
 def read_http_response(sock: socket.socket) -> tuple:

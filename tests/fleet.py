@@ -3,6 +3,12 @@
 Everything here uses the real pieces: certificates from ``pki.py``, the
 registry of ``store.py``, and ``ctrlexec_agent.py serve`` as a subprocess on
 a 127.0.0.x loopback address.  Nothing binds a non-loopback address.
+
+This is the one home of the suite's shared helpers: ``Fleet`` (the only fleet
+builder), ``free_address`` / ``free_port``, ``wait_for`` (the only poll loop),
+and the child-process pieces ``stop_process`` / ``read_log`` / ``wait_logged``
+that ``AgentHandle``, ``apitest_support.ApiServer`` and
+``reliability_support.PairingProc`` share.
 """
 
 from __future__ import annotations
@@ -54,16 +60,63 @@ def free_port(address: str = "127.0.0.1") -> int:
         sock.close()
 
 
-def wait_for(predicate, what: str, timeout_s: float = 30.0, step_s: float = 0.05):
-    """Poll predicate() until it returns a true value (returned) or fail after timeout_s."""
+def wait_for(predicate, what: str, timeout_s: float = 30.0, step_s: float = 0.05, *,
+             detail=None):
+    """Poll predicate() until it returns a true value (returned) or fail after timeout_s.
+
+    Raises AssertionError naming ``what``; ``detail()``, when given, is called only then
+    and its text (a log tail, a process's stderr) is appended to the message.
+    """
     end = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() >= end:
-            raise AssertionError("timed out after %.0fs waiting for %s" % (timeout_s, what))
+            message = "timed out after %.0fs waiting for %s" % (timeout_s, what)
+            if detail is not None:
+                message += ":\n%s" % (detail(),)
+            raise AssertionError(message)
         time.sleep(step_s)
+
+
+def read_log(path: str) -> str:
+    """The text of a child's log file ("" until it exists)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def wait_logged(proc: subprocess.Popen, log_path: str, marker: bytes, what: str, *,
+                offset: int = 0, timeout_s: float = START_TIMEOUT_S, step_s: float = 0.05) -> None:
+    """Wait until ``marker`` is in log_path past ``offset`` (what this process wrote).
+
+    Raises AssertionError with the log if ``proc`` exits first or timeout_s passes.
+    """
+    def logged() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError("%s exited %s:\n%s" % (what, proc.returncode, read_log(log_path)))
+        with open(log_path, "rb") as handle:
+            handle.seek(offset)
+            return marker in handle.read()
+
+    wait_for(logged, "%s to start" % what, timeout_s, step_s, detail=lambda: read_log(log_path))
+
+
+def stop_process(proc: subprocess.Popen | None, timeout_s: float) -> int | None:
+    """SIGTERM, wait up to timeout_s, then SIGKILL; returns the exit code (None: no process)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
 
 
 def write_executable(path: str, body: str) -> str:
@@ -121,23 +174,11 @@ class AgentHandle:
 
     def wait_ready(self) -> None:
         """Wait for the agent's start line (no probe connection: that would count as a TLS failure)."""
-        end = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError("agent %s exited %s:\n%s" % (self.name, self.proc.returncode, self.log()))
-            with open(self.log_path, "rb") as handle:
-                handle.seek(self._log_offset)
-                if b"ACTION=start " in handle.read():
-                    return
-            time.sleep(0.02)
-        raise RuntimeError("agent %s did not start:\n%s" % (self.name, self.log()))
+        wait_logged(self.proc, self.log_path, b"ACTION=start ", "agent %s" % self.name,
+                    offset=self._log_offset, step_s=0.02)
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, "rb") as handle:
-                return handle.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
@@ -147,16 +188,9 @@ class AgentHandle:
         self.signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)      # a SIGSTOPped agent cannot act on SIGTERM
+        stop_process(self.proc, 15)
         self.proc = None
 
     def kill(self) -> None:
@@ -182,6 +216,22 @@ class Fleet:
         pki.create_ca(cfg.ca_dir)
         pki.create_dispatcher_cert(cfg.ca_dir, cfg.cert, cfg.key)
         self.agents: dict = {}
+
+    @classmethod
+    def with_agents(cls, root: str, names: list, *, scripts: dict | None = None,
+                    agent_conf: dict | None = None, **conf) -> "Fleet":
+        """A fleet plus one started agent per name, each with the same scripts.
+
+        If one agent fails to start, those already running are stopped before the error.
+        """
+        fleet = cls(root, **conf)
+        try:
+            for name in names:
+                fleet.add_agent(name, scripts=scripts, conf_extra=agent_conf)
+        except BaseException:
+            fleet.stop_all()
+            raise
+        return fleet
 
     @property
     def cfg(self):

@@ -1,9 +1,10 @@
 """Support for the reliability suite (tests/test_reliability_*.py); holds no tests itself.
 
-Owns: a real `python ctrlexec_api.py --config …` child process with bounded
-waits, small HTTP/raw-socket clients that never block past a deadline, and the
-fleet builders the reliability tests share. Everything is real: certificates
-from pki.py, agents from tests/fleet.py on 127.0.0.x, scripts on disk.
+Owns: the pairing listener as a child process, a bounded background call, and
+a raw-socket client that never blocks past a deadline. The API process is
+apitest_support.ApiServer and the fleet is tests/fleet.py's Fleet, as in every
+other suite. Everything is real: certificates from pki.py, agents on
+127.0.0.x, scripts on disk.
 
 Never does: mock TLS or an agent, bind a non-loopback address, wait without a
 timeout, or leave a process running after its fixture ends.
@@ -14,21 +15,16 @@ from __future__ import annotations
 __all__ = [
     "ROOT",
     "WAIT_S",
-    "ApiProc",
     "Background",
     "PairingProc",
     "RawResult",
-    "build_fleet",
     "free_port",
-    "http_call",
     "raw_exchange",
     "wait_for",
 ]
 
-import http.client
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -36,8 +32,8 @@ import sys
 import threading
 import time
 
-from apitest_support import ApiServer
-from fleet import Fleet, free_port, wait_for  # noqa: F401 (re-exported to the reliability tests)
+from fleet import Fleet, free_port, read_log, stop_process, wait_logged
+from fleet import wait_for  # noqa: F401 (re-exported to the reliability tests, as free_port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Upper bound of any single wait in the reliability tests (never a timing assertion).
@@ -76,52 +72,23 @@ class Background:
         return self.result
 
 
-def build_fleet(root: str, names: list, scripts: dict, *, conf: dict | None = None,
-                agent_conf: dict | None = None) -> Fleet:
-    """A control host in root plus one started agent per name, each with the same scripts."""
-    fleet = Fleet(root, **(conf or {}))
-    try:
-        for name in names:
-            fleet.add_agent(name, scripts=scripts, conf_extra=agent_conf)
-    except BaseException:
-        fleet.stop_all()
-        raise
-    return fleet
-
-
-class ApiProc(ApiServer):
-    """The API for a reliability fleet: ApiProc.for_fleet(fleet, log_path, **conf).start()."""
-
-    def call(self, method: str, path: str, body=None, *, raw: bytes | None = None,
-             headers: dict | None = None, timeout: float = WAIT_S) -> tuple:
-        """One HTTP exchange; returns (status, headers, parsed JSON or NDJSON list or bytes)."""
-        return http_call(self.port, method, path, body, raw=raw, headers=headers, timeout=timeout)
-
-    def health_ok(self) -> bool:
-        try:
-            status, _, body = self.call("GET", "/health", timeout=5)
-        except (OSError, http.client.HTTPException):
-            return False
-        return status == 200 and isinstance(body, dict) and body.get("ok") is True
-
-
 PAIRING_MAIN = """
 from gevent import monkey; monkey.patch_all()
 import sys
 sys.path.insert(0, %(root)r)
-import config, pki
+import config, pairing
 if %(io)r:
-    pki.PAIRING_IO_TIMEOUT_S = %(io)r
+    pairing.PAIRING_IO_TIMEOUT_S = %(io)r
 cfg = config.load(%(conf)r)
-sys.exit(pki.run_pairing_mode(cfg, port=%(port)d, bind="127.0.0.1", timeout=600,
-                              interactive=False))
+sys.exit(pairing.run_pairing_mode(cfg, port=%(port)d, bind="127.0.0.1", timeout=600,
+                                  interactive=False))
 """
 
 
 class PairingProc:
     """The pairing listener in its own gevent-patched process, as `ctrlexec.py pairing-mode`
-    starts it (pki.run_pairing_mode), bound to 127.0.0.1:port. io_timeout_s, when given,
-    lowers pki.PAIRING_IO_TIMEOUT_S in that process (so slow-client cases fit in CI)."""
+    starts it (pairing.run_pairing_mode), bound to 127.0.0.1:port. io_timeout_s, when given,
+    lowers pairing.PAIRING_IO_TIMEOUT_S in that process (so slow-client cases fit in CI)."""
 
     def __init__(self, fleet: Fleet, log_path: str, *, io_timeout_s: float | None = None) -> None:
         self.fleet = fleet
@@ -135,58 +102,21 @@ class PairingProc:
                                "conf": self.fleet.conf_path, "port": self.port}
         env = dict(os.environ, CTRL_EXEC_LOG="stderr")
         with open(self.log_path, "ab") as log:
+            offset = log.tell()
             self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
-        wait_for(lambda: self.proc.poll() is not None or b"pairing-mode-start" in self._read(),
-                 "the pairing listener to start")
-        assert self.proc.poll() is None, self.log()
+        wait_logged(self.proc, self.log_path, b"pairing-mode-start", "the pairing listener",
+                    offset=offset, timeout_s=WAIT_S)
         return self
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, WAIT_S)
 
     def log(self) -> str:
-        return self._read().decode("utf-8", "replace")
-
-    def _read(self) -> bytes:
-        try:
-            with open(self.log_path, "rb") as fh:
-                return fh.read()
-        except OSError:
-            return b""
-
-
-def http_call(port: int, method: str, path: str, body=None, *, raw: bytes | None = None,
-              headers: dict | None = None, timeout: float = WAIT_S,
-              address: str = "127.0.0.1") -> tuple:
-    """One HTTP/1.1 exchange with a deadline on every socket operation."""
-    conn = http.client.HTTPConnection(address, port, timeout=timeout)
-    try:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        hdrs = dict(headers or {})
-        if data is not None:
-            hdrs.setdefault("Content-Type", "application/json")
-        conn.request(method, path, body=data, headers=hdrs)
-        resp = conn.getresponse()
-        payload = resp.read()
-        got = {k.lower(): v for k, v in resp.getheaders()}
-    finally:
-        conn.close()
-    ctype = got.get("content-type", "")
-    if ctype.startswith("application/json") and payload:
-        return resp.status, got, json.loads(payload)
-    if ctype.startswith("application/x-ndjson"):
-        return resp.status, got, [json.loads(l) for l in payload.splitlines() if l.strip()]
-    return resp.status, got, payload
+        return read_log(self.log_path)
 
 
 class RawResult:

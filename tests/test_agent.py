@@ -31,7 +31,7 @@ from cryptography import x509
 
 import ctrlexec_agent as wire
 import pki
-from fleet import AGENT, Fleet, write_executable
+from fleet import AGENT, Fleet, wait_for, write_executable
 
 PY = sys.executable
 RUNS_OWNER = "test-dispatcher"     #: dispatcher_id of the fleet's dispatcher cert
@@ -222,12 +222,8 @@ def _exchange_raw(agent, payload: bytes, ctx, *, source="127.0.0.1", timeout=10.
 
 def _wait_log(agent, needle: str, count: int, timeout: float = 10.0) -> None:
     """Wait until ``needle`` appears at least ``count`` times in the agent log."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if agent.log().count(needle) >= count:
-            return
-        time.sleep(0.02)
-    raise AssertionError("%r not logged %d times:\n%s" % (needle, count, agent.log()[-3000:]))
+    wait_for(lambda: agent.log().count(needle) >= count, "%r logged %d times" % (needle, count),
+             timeout, 0.02, detail=lambda: agent.log()[-3000:])
 
 
 def _reload(agent) -> None:
@@ -235,13 +231,12 @@ def _reload(agent) -> None:
     log = agent.log()
     ok, fail = log.count("ACTION=reload "), log.count("ACTION=reload-fail ")
     agent.sighup()
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
+
+    def reloaded() -> bool:
         log = agent.log()
-        if log.count("ACTION=reload ") > ok or log.count("ACTION=reload-fail ") > fail:
-            return
-        time.sleep(0.02)
-    raise AssertionError("no reload line logged:\n" + log[-2000:])
+        return log.count("ACTION=reload ") > ok or log.count("ACTION=reload-fail ") > fail
+
+    wait_for(reloaded, "a reload line", 10, 0.02, detail=lambda: agent.log()[-2000:])
 
 
 def _agent_cli(*args, timeout=30) -> subprocess.CompletedProcess:

@@ -33,6 +33,7 @@ import config
 import ctrlexec_agent as wire
 import ctrlexec_api
 import pki
+import service
 import store
 from apitest_support import (SPEC, SPEC_PATH, ApiServer, call, check_response,
                              read_http_response)
@@ -179,13 +180,13 @@ def test_request_schemas_agree_with_the_validator():
     good = {"hosts": ["a", "b:7450"], "script": "x_y-1", "args": ["1"], "async": True,
             "timeout": 5, "username": "u", "token": "t"}
     assert not list(validator.iter_errors(good))
-    ctrlexec_api.validate_run(good, max_hosts=500)
+    service.validate_run(good, max_hosts=500)
     for body in ({"hosts": [], "script": "x"}, {"hosts": ["a"], "script": "a b"},
                  {"hosts": ["a"], "script": "x", "args": [1]},
                  {"hosts": ["a"], "script": "x", "timeout": 0}):
         assert list(validator.iter_errors(body)), body
-        with pytest.raises(ctrlexec_api.BadRequest):
-            ctrlexec_api.validate_run(body, max_hosts=500)
+        with pytest.raises(service.BadRequest):
+            service.validate_run(body, max_hosts=500)
 
 
 # ---------------------------------------------------------------------------
@@ -455,7 +456,7 @@ def test_hook_exit_codes_answer_403(hooked, code, body):
     resp = call(app, "POST", "/run", {"hosts": ["a"], "script": "x"})
     assert resp.status == 403
     assert resp.json == body
-    assert app.handlers.engine.calls == []
+    assert app.handlers.runs.engine.calls == []
     set_rules(api=code)
     resp = call(app, "GET", "/health")
     assert resp.status == 403
@@ -549,12 +550,10 @@ def test_run_sync_three_hosts_one_failing_inline_and_status(live):
     for row in rows:
         assert row["reqid"] == body["reqid"]
         assert re.fullmatch(r"\d+ms", row["rtt"])
-    # the record was stored before the response, without the token
-    path = os.path.join(live.cfg.state_dir, "runs", body["reqid"] + ".json")
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    assert b"tok-1" not in raw
-    stored = json.loads(raw)
+    # the record was stored before the response, without the token (the file itself:
+    # test_store.py test_stored_run_file_is_0640_plain_json_without_secrets)
+    stored = store.Store(live.cfg).runs.load(body["reqid"])
+    assert "tok-1" not in json.dumps(stored)
     assert stored["mode"] == "sync" and stored["complete"] is True
     assert stored["submitter"] == {"username": "alice", "source_ip": "127.0.0.1"}
     # /status of the finished run
@@ -841,8 +840,8 @@ def test_https_api_process_end_to_end_and_old_tls_refused(fleet, api_procs, tmp_
     assert "ACTION=api-start" in log and "TLS=yes" in log and "ACTION=api-stop" in log
     assert "ACTION=api-request METHOD=POST" in log
     assert "SECRET-TOKEN-XYZ" not in log
-    with open(os.path.join(cfg.state_dir, "runs", body["reqid"] + ".json")) as fh:
-        assert "SECRET-TOKEN-XYZ" not in fh.read()
+    stored = store.Store(cfg).runs.load(body["reqid"])
+    assert stored is not None and "SECRET-TOKEN-XYZ" not in json.dumps(stored)
 
 
 def test_plain_api_process_graceful_stop_finishes_in_flight(fleet, api_procs, tmp_path):

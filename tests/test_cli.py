@@ -20,9 +20,10 @@ import time
 
 import pytest
 
-from fleet import ROOT, AgentHandle, free_address, write_executable
+from fleet import ROOT, AgentHandle, free_address, wait_for, write_executable
 
 import ctrlexec_agent as wire
+import store
 
 CLI = os.path.join(ROOT, "ctrlexec.py")
 AGENT = os.path.join(ROOT, "ctrlexec_agent.py")
@@ -77,15 +78,6 @@ def as_json(result: subprocess.CompletedProcess):
     except ValueError:
         raise AssertionError("stdout is not JSON (rc %s):\n%s\nstderr:\n%s"
                              % (result.returncode, result.stdout, result.stderr[-3000:]))
-
-
-def wait_for(predicate, timeout: float = 20.0, step: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def hold_script(shared: str, name: str) -> str:
@@ -255,13 +247,13 @@ def test_pairing_mode_list_requests_approve_deny_then_ping(fleet, tmp_path):
     procs = [pairing]
     serve = None
     try:
-        assert wait_for(lambda: _can_connect(bind, pair_port)), pairing.stderr
+        wait_for(lambda: _can_connect(bind, pair_port), "the pairing listener", timeout_s=20)
         good, good_addr, good_port = _agent_folder(tmp_path, "paired-01")
         bad, bad_addr, _ = _agent_folder(tmp_path, "refused-01")
         asking = _request_pairing(good, bind, pair_port, "paired-01")
         procs.append(asking)
-        assert wait_for(lambda: len(as_json(cli(conf, "list-requests", "--json"))) == 1,
-                        timeout=30)
+        wait_for(lambda: len(as_json(cli(conf, "list-requests", "--json"))) == 1,
+                 "one pending pairing request", timeout_s=30)
         [row] = as_json(cli(conf, "list-requests", "--json"))
         assert row["hostname"] == "paired-01" and re.fullmatch(r"\d{6}", row["code"])
         table = cli(conf, "list-requests").stdout.splitlines()
@@ -277,8 +269,8 @@ def test_pairing_mode_list_requests_approve_deny_then_ping(fleet, tmp_path):
 
         refusing = _request_pairing(bad, bind, pair_port, "refused-01")
         procs.append(refusing)
-        assert wait_for(lambda: len(as_json(cli(conf, "list-requests", "--json"))) == 1,
-                        timeout=30)
+        wait_for(lambda: len(as_json(cli(conf, "list-requests", "--json"))) == 1,
+                 "one pending pairing request", timeout_s=30)
         [row] = as_json(cli(conf, "list-requests", "--json"))
         denied = cli(conf, "deny", row["id"])
         assert denied.returncode == 0 and "denied" in denied.stdout
@@ -291,7 +283,7 @@ def test_pairing_mode_list_requests_approve_deny_then_ping(fleet, tmp_path):
                                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                                  env=_env(None))
         procs.append(serve)
-        assert wait_for(lambda: _can_connect(good_addr, good_port))
+        wait_for(lambda: _can_connect(good_addr, good_port), "the paired agent", timeout_s=20)
         pinged = cli(conf, "ping", "paired-01", "--json")
         assert pinged.returncode == 0, pinged.stdout + pinged.stderr
         assert as_json(pinged)["results"][0]["status"] == "ok"
@@ -427,8 +419,9 @@ def test_overlapping_run_is_locked_out_and_nothing_is_dispatched(pair, shared):
     conf = pair.conf_path
     first = cli_start(conf, "run", "web-01", "hold", "--", "wait")
     try:
-        assert wait_for(lambda: os.path.exists(os.path.join(shared, "started-web-01")), 30), \
-            first.stderr.read() if first.poll() is not None else "not started"
+        wait_for(lambda: os.path.exists(os.path.join(shared, "started-web-01")),
+                 "the held run on web-01", timeout_s=30,
+                 detail=lambda: first.stderr.read() if first.poll() is not None else "not started")
         assert as_json(cli(conf, "list-locks", "--json")) == [{"host": "web-01",
                                                                "script": "hold"}]
         assert cli(conf, "list-locks").stdout.split() == ["HOST", "SCRIPT", "web-01", "hold"]
@@ -471,7 +464,8 @@ def test_locks_of_a_killed_cli_are_released(pair, shared):
     conf = pair.conf_path
     victim = cli_start(conf, "run", "web-01", "hold", "--", "wait")
     try:
-        assert wait_for(lambda: os.path.exists(os.path.join(shared, "started-web-01")), 30)
+        wait_for(lambda: os.path.exists(os.path.join(shared, "started-web-01")),
+                 "the held run on web-01", timeout_s=30)
         assert cli(conf, "run", "web-01", "hold").returncode == 4
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
@@ -537,7 +531,8 @@ def test_async_run_status_pending_then_complete_and_wait(pair, shared):
 def test_async_run_survives_an_agent_restart(pair, shared):
     conf = pair.conf_path
     reqid = _submit(conf, "web-01", "hold", "--", "wait")
-    assert wait_for(lambda: os.path.exists(os.path.join(shared, "started-web-01")), 30)
+    wait_for(lambda: os.path.exists(os.path.join(shared, "started-web-01")),
+             "the held run on web-01", timeout_s=30)
     agent = pair.agents["web-01"]
     agent.stop()
     agent.start()
@@ -556,17 +551,14 @@ def test_run_records_status_from_new_process_purge_and_corruption(pair):
     run = cli(conf, "run", "web-01", "okscript", "--json", "--token", secret,
               "--username", "alice")
     reqid = as_json(run)["reqid"]
-    runs_dir = os.path.join(pair.cfg.state_dir, "runs")
-    path = os.path.join(runs_dir, reqid + ".json")
-    with open(path) as handle:
-        raw = handle.read()
-    assert secret not in raw
-    record = json.loads(raw)
+    # The record file's mode and bytes: test_store.py (file backend) checks those.
+    runs = store.Store(pair.cfg).runs
+    record = runs.load(reqid)
+    assert secret not in json.dumps(record)
     assert record["mode"] == "sync" and record["complete"] is True
     assert record["hosts"] == ["web-01"] and record["script"] == "okscript"
     assert record["submitter"] == {"username": "alice", "source_ip": "127.0.0.1"}
     assert isinstance(record["completed"], int)
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
 
     status = cli(conf, "status", reqid)
     assert status.returncode == 0
@@ -575,7 +567,7 @@ def test_run_records_status_from_new_process_purge_and_corruption(pair):
     assert cli(conf, "wait", reqid).returncode == 0
 
     old = time.time() - 2 * 86400
-    os.utime(path, (old, old))
+    os.utime(runs.backend.where(reqid), (old, old))     # the file backend's age is the mtime
     purged = cli(conf, "purge")
     assert purged.returncode == 0 and purged.stdout.strip() == "purged 1 run record"
     assert as_json(cli(conf, "purge", "--json")) == {"ok": True, "purged": 0}
@@ -583,8 +575,7 @@ def test_run_records_status_from_new_process_purge_and_corruption(pair):
     assert gone.returncode == 1
     assert "no result for reqid %s" % reqid in gone.stderr
 
-    with open(os.path.join(runs_dir, "00000000deadbeef.json"), "w") as handle:
-        handle.write("{not json")
+    runs.backend.put("00000000deadbeef", b"{not json", runs.retention_s)    # raw bytes, no facade
     corrupt = cli(conf, "status", "00000000deadbeef")
     assert corrupt.returncode == 1
     assert "unreadable" in corrupt.stderr and "Traceback" not in corrupt.stderr

@@ -1,4 +1,4 @@
-"""Tests for the pairing listener and queue in pki.py (reference §4.2).
+"""Tests for pairing.py: the pairing listener, queue and session (reference §4.2).
 
 A small raw TLS client in this file speaks the agent's side of the wire
 protocol (POST /pair, first response "pending", second response the decision),
@@ -6,6 +6,7 @@ so the listener is tested end to end on 127.0.0.x without mocks.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -26,6 +27,7 @@ from cryptography.x509.oid import NameOID
 
 import config
 import ctrlexec_agent as wire
+import pairing
 import pki
 import store
 
@@ -92,7 +94,7 @@ def start_server(env):
 
     def start(cfg=None, **kwargs):
         kwargs.setdefault("timeout", 30)
-        server = pki.PairingServer(cfg or env[0], env[1], bind="127.0.0.1", port=0, **kwargs)
+        server = pairing.PairingServer(cfg or env[0], env[1], bind="127.0.0.1", port=0, **kwargs)
         servers.append(server.start())
         return server
 
@@ -113,6 +115,13 @@ def clients():
     yield connect
     for client in opened:
         client.close()
+
+
+def queue_request(server, clients, **body):
+    """Send pair_body(**body) on a new connection; returns (client, reqid) once it is pending."""
+    client = clients(server.port)
+    client.send(pair_body(**body))
+    return client, client.response()["reqid"]
 
 
 def queue_dir(cfg) -> str:
@@ -141,13 +150,13 @@ def test_approve_delivers_cert_ca_serial_and_echoed_nonce(env, start_server, cli
     reqid = first["reqid"]
     queued = os.path.join(queue_dir(cfg), reqid + ".json")
     assert stat.S_IMODE(os.stat(queued).st_mode) == 0o600
-    [row] = pki.list_requests(cfg)
+    [row] = pairing.list_requests(cfg)
     assert row["id"] == reqid and row["hostname"] == "agent01.example.net"
     assert row["ip"] == "192.0.2.10" and row["source_ip"] == "127.0.0.1"
-    assert row["code"] == wire.pairing_code(body["csr"].encode()) == pki.pairing_code(body["csr"])
+    assert row["code"] == wire.pairing_code(body["csr"].encode()) == pairing.pairing_code(body["csr"])
     assert "csr" not in row and "nonce" not in row
 
-    entry = pki.approve(cfg, registry, reqid)
+    entry = pairing.approve(cfg, registry, reqid)
     second = client.response()
     assert second["status"] == "approved"
     assert second["nonce"] == body["nonce"]
@@ -163,14 +172,33 @@ def test_approve_delivers_cert_ca_serial_and_echoed_nonce(env, start_server, cli
     assert wait_for(lambda: os.listdir(queue_dir(cfg)) == [])
 
 
+def test_pairing_code_is_sha256_prefix_mod_a_million():
+    pem = make_csr().encode()
+    expected = "%06d" % (int.from_bytes(hashlib.sha256(pem).digest()[:4], "big") % 1000000)
+    assert pairing.pairing_code(pem) == expected == wire.pairing_code(pem)
+    assert pairing.pairing_code(pem.decode()) == expected
+
+
+def test_approve_turns_pki_errors_into_pairing_errors(env, start_server, clients):
+    # One exception class per module: a missing dispatcher cert (pki's PKIError)
+    # reaches the caller as PairingError, and nothing is registered or decided.
+    cfg, registry = env
+    _, reqid = queue_request(start_server(), clients)
+    os.unlink(cfg.cert)
+    with pytest.raises(pairing.PairingError, match="run setup-dispatcher first"):
+        pairing.approve(cfg, registry, reqid)
+    assert registry.names() == []
+    assert [row["id"] for row in pairing.list_requests(cfg)] == [reqid]
+
+
 def test_approve_overrides_and_default_lookup_by_hostname(env, start_server, clients):
     cfg, registry = env
     server = start_server()
     client = clients(server.port)
     client.send(pair_body(hostname="db-01", ip="not-an-ip"))
     reqid = client.response()["reqid"]
-    assert pki.list_requests(cfg)[0]["ip"] == "127.0.0.1"     # falls back to the source IP
-    entry = pki.approve(cfg, registry, reqid, ip="10.0.0.7", agent_port=7460)
+    assert pairing.list_requests(cfg)[0]["ip"] == "127.0.0.1"     # falls back to the source IP
+    entry = pairing.approve(cfg, registry, reqid, ip="10.0.0.7", agent_port=7460)
     assert (entry["ip"], entry["port"], entry["lookup_by"]) == ("10.0.0.7", 7460, "hostname")
     assert client.response()["status"] == "approved"
 
@@ -183,23 +211,20 @@ def test_repairing_keeps_registry_tags(env, start_server, clients):
     server = start_server()
     client = clients(server.port)
     client.send(pair_body(hostname="web-05"))
-    entry = pki.approve(cfg, registry, client.response()["reqid"])
+    entry = pairing.approve(cfg, registry, client.response()["reqid"])
     assert entry["tags"] == {"role": "web"} and entry["serial_status"] == "current"
     assert client.response()["status"] == "approved"
 
 
 def test_deny_is_reported_to_the_agent(env, start_server, clients):
     cfg, registry = env
-    server = start_server()
-    client = clients(server.port)
-    client.send(pair_body())
-    reqid = client.response()["reqid"]
-    pki.deny(cfg, reqid)
+    client, reqid = queue_request(start_server(), clients)
+    pairing.deny(cfg, reqid)
     assert client.response() == {"status": "denied", "reason": "rejected by operator"}
     assert registry.names() == []
     assert wait_for(lambda: os.listdir(queue_dir(cfg)) == [])
-    with pytest.raises(pki.PKIError, match="no pending pairing request"):
-        pki.approve(cfg, registry, reqid)
+    with pytest.raises(pairing.PairingError, match="no pending pairing request"):
+        pairing.approve(cfg, registry, reqid)
 
 
 def test_approval_timeout_is_reported(env, start_server, clients):
@@ -209,7 +234,7 @@ def test_approval_timeout_is_reported(env, start_server, clients):
     client.send(pair_body())
     client.response()
     assert client.response() == {"status": "denied", "reason": "approval timeout"}
-    assert pki.list_requests(cfg) == []
+    assert pairing.list_requests(cfg) == []
 
 
 def test_each_connection_gets_its_own_nonce(env, start_server, clients):
@@ -222,8 +247,8 @@ def test_each_connection_gets_its_own_nonce(env, start_server, clients):
     first.send(body1)
     second.send(body2)
     id1, id2 = first.response()["reqid"], second.response()["reqid"]
-    pki.approve(cfg, registry, id2)
-    pki.approve(cfg, registry, id1)
+    pairing.approve(cfg, registry, id2)
+    pairing.approve(cfg, registry, id1)
     answer1, answer2 = first.response(), second.response()
     assert answer1["nonce"] == body1["nonce"] != answer2["nonce"] == body2["nonce"]
     assert x509.load_pem_x509_certificate(answer1["cert"].encode()).subject.rfc4514_string() == "CN=a-01"
@@ -235,7 +260,7 @@ def test_rsa_4096_csr_from_original_agents_is_accepted(env, start_server, client
     client = clients(server.port)
     client.send(pair_body(csr=make_csr(key=rsa.generate_private_key(65537, 4096))))
     reqid = client.response()["reqid"]
-    pki.approve(cfg, registry, reqid)
+    pairing.approve(cfg, registry, reqid)
     assert client.response()["status"] == "approved"
 
 
@@ -245,7 +270,7 @@ def assert_listener_works(server, clients, cfg):
     client = clients(server.port)
     client.send(pair_body(hostname="still-ok"))
     reqid = client.response()["reqid"]
-    pki.deny(cfg, reqid)
+    pairing.deny(cfg, reqid)
     assert client.response()["status"] == "denied"
 
 
@@ -296,7 +321,7 @@ def test_incomplete_requests_get_invalid_request(env, start_server, clients, bod
     client = clients(server.port)
     client.send(body)
     assert client.response() == {"status": "error", "reason": "invalid request"}
-    assert pki.list_requests(env[0]) == []
+    assert pairing.list_requests(env[0]) == []
 
 
 @pytest.mark.parametrize("hostname", ["../etc/passwd", "-web", "web 01", "", "a" * 254, "x/y"])
@@ -355,9 +380,9 @@ def test_eleventh_queued_request_gets_queue_full(env, start_server, clients):
     eleventh = clients(server.port)
     eleventh.send(pair_body(hostname="host-10"))
     assert eleventh.response() == {"status": "error", "reason": "pairing queue full"}
-    assert len(pki.list_requests(cfg)) == 10
+    assert len(pairing.list_requests(cfg)) == 10
     # Deciding one frees a slot; the listener keeps working.
-    pki.deny(cfg, pki.list_requests(cfg)[0]["id"])
+    pairing.deny(cfg, pairing.list_requests(cfg)[0]["id"])
     assert_listener_works(server, clients, cfg)
 
 
@@ -389,12 +414,12 @@ def _write_conf(tmp_path, extra: str):
 def test_approve_and_deny_validate_reqids(env):
     cfg, registry = env
     for bad in ("../../etc/passwd", "ABCDEF0123456789", "123", None):
-        with pytest.raises(pki.PKIError, match="16 lowercase hex characters are accepted"):
-            pki.approve(cfg, registry, bad)
-        with pytest.raises(pki.PKIError, match="16 lowercase hex characters are accepted"):
-            pki.deny(cfg, bad)
-    with pytest.raises(pki.PKIError, match="no pending pairing request 0123456789abcdef"):
-        pki.deny(cfg, "0123456789abcdef")
+        with pytest.raises(pairing.PairingError, match="16 lowercase hex characters are accepted"):
+            pairing.approve(cfg, registry, bad)
+        with pytest.raises(pairing.PairingError, match="16 lowercase hex characters are accepted"):
+            pairing.deny(cfg, bad)
+    with pytest.raises(pairing.PairingError, match="no pending pairing request 0123456789abcdef"):
+        pairing.deny(cfg, "0123456789abcdef")
 
 
 def test_stale_requests_are_expired(env, start_server, clients):
@@ -404,9 +429,9 @@ def test_stale_requests_are_expired(env, start_server, clients):
     client.send(pair_body())
     reqid = client.response()["reqid"]
     path = os.path.join(queue_dir(cfg), reqid + ".json")
-    old = time.time() - pki.PAIRING_STALE_S - 5
+    old = time.time() - pairing.PAIRING_STALE_S - 5
     os.utime(path, (old, old))
-    assert pki.list_requests(cfg) == []
+    assert pairing.list_requests(cfg) == []
     assert not os.path.exists(path)
     assert client.response() == {"status": "denied", "reason": "approval timeout"}
 
@@ -417,10 +442,10 @@ def test_approve_refuses_when_already_decided(env, start_server, clients):
     client = clients(server.port)
     client.send(pair_body())
     reqid = client.response()["reqid"]
-    pki.approve(cfg, registry, reqid)
+    pairing.approve(cfg, registry, reqid)
     # The waiting connection may already have consumed the decision.
-    with pytest.raises(pki.PKIError, match="already decided|no pending pairing request"):
-        pki.deny(cfg, reqid)
+    with pytest.raises(pairing.PairingError, match="already decided|no pending pairing request"):
+        pairing.deny(cfg, reqid)
     assert client.response()["status"] == "approved"
 
 
@@ -440,7 +465,7 @@ def test_no_key_material_or_csr_in_logs(env, start_server, clients, capfd):
     body = pair_body()
     client.send(body)
     reqid = client.response()["reqid"]
-    pki.approve(cfg, registry, reqid)
+    pairing.approve(cfg, registry, reqid)
     client.response()
     text = "".join(capfd.readouterr())
     assert "ACTION=pair-request" in text and "ACTION=pair-approve" in text
@@ -472,7 +497,7 @@ def _start_mode(env, **kwargs):
     cfg, registry = env
     out = LineOut()
     result = {}
-    thread = threading.Thread(target=lambda: result.update(rc=pki.run_pairing_mode(
+    thread = threading.Thread(target=lambda: result.update(rc=pairing.run_pairing_mode(
         cfg, registry, port=0, bind="127.0.0.1", out=out, **kwargs)), daemon=True)
     thread.start()
     assert wait_for(lambda: "pairing mode on port" in out.text())
@@ -491,7 +516,7 @@ def test_run_pairing_mode_announces_requests_and_times_out(env, clients):
     assert wait_for(lambda: reqid in out.text())
     line = [l for l in out.text().splitlines() if reqid in l][0]
     assert "agent01.example.net" in line and "192.0.2.10" in line and code in line
-    pki.approve(cfg, registry, reqid)
+    pairing.approve(cfg, registry, reqid)
     assert client.response()["status"] == "approved"
     thread.join(IO_TIMEOUT_S)
     assert result == {"rc": 0}
@@ -528,16 +553,16 @@ def test_run_pairing_mode_interactive_commands(env, clients):
 
 def test_run_pairing_mode_refuses_bad_timeout(env):
     for bad in (0, 601, "x"):
-        with pytest.raises(pki.PKIError, match="1-600 seconds are accepted"):
-            pki.run_pairing_mode(env[0], env[1], timeout=bad, port=0, bind="127.0.0.1",
+        with pytest.raises(pairing.PairingError, match="1-600 seconds are accepted"):
+            pairing.run_pairing_mode(env[0], env[1], timeout=bad, port=0, bind="127.0.0.1",
                                  out=io.StringIO())
 
 
 def test_run_pairing_mode_stops_cleanly_on_sigterm(env, tmp_path):
     cfg, _ = env
-    code = ("import sys, pki, config, store\n"
+    code = ("import sys, pairing, config, store\n"
             "cfg = config.load(sys.argv[1])\n"
-            "sys.exit(pki.run_pairing_mode(cfg, store.Registry(cfg.state_dir), port=0,"
+            "sys.exit(pairing.run_pairing_mode(cfg, store.Registry(cfg.state_dir), port=0,"
             " bind='127.0.0.1', timeout=60))\n")
     proc = subprocess.Popen([sys.executable, "-c", code, cfg.path], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -602,10 +627,10 @@ def test_agent_request_pairing_end_to_end_then_mtls_ping(env, start_server, agen
     try:
         code_line = proc.stdout.readline()
         code = re.search(r"Pairing code: (\d{6})", code_line).group(1)
-        assert wait_for(lambda: len(pki.list_requests(cfg)) == 1)
-        [row] = pki.list_requests(cfg)
+        assert wait_for(lambda: len(pairing.list_requests(cfg)) == 1)
+        [row] = pairing.list_requests(cfg)
         assert (row["hostname"], row["code"], row["port"]) == ("web-09", code, agent_port)
-        pki.approve(cfg, registry, row["id"])
+        pairing.approve(cfg, registry, row["id"])
     finally:
         out, err = _finish(proc)
     assert proc.returncode == 0, err
@@ -654,8 +679,8 @@ def test_agent_request_pairing_denied_exits_3(env, start_server, agent_dir):
     server = start_server()
     proc = _request_pairing(folder, server.port, "web-10")
     try:
-        assert wait_for(lambda: len(pki.list_requests(cfg)) == 1)
-        pki.deny(cfg, pki.list_requests(cfg)[0]["id"])
+        assert wait_for(lambda: len(pairing.list_requests(cfg)) == 1)
+        pairing.deny(cfg, pairing.list_requests(cfg)[0]["id"])
     finally:
         out, err = _finish(proc)
     assert proc.returncode == 3

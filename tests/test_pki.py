@@ -124,7 +124,7 @@ def test_create_ca_writes_p256_key_0600_and_ca_cert(ca_dir):
     assert usage.key_cert_sign and usage.crl_sign
     days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
     assert 3649 <= days <= 3651
-    assert not [n for n in os.listdir(ca_dir) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(ca_dir) if n.startswith(".tmp")]
 
 
 def test_create_ca_refuses_to_overwrite_existing_key(ca_dir):
@@ -137,6 +137,27 @@ def test_create_ca_refuses_to_overwrite_existing_key(ca_dir):
 def test_issue_cert_requires_a_ca(tmp_path):
     with pytest.raises(pki.PKIError, match="run setup-ca first"):
         pki.issue_cert(str(tmp_path / "nothing"), "web-01")
+
+
+def test_ca_key_is_written_by_atomic_write_that_never_replaces(tmp_path):
+    # pki writes through the agent's one atomic_write; overwrite=False must never
+    # replace an existing file (two concurrent setup-ca runs cannot both win).
+    target = tmp_path / "ca.key"
+    target.write_bytes(b"first")
+    with pytest.raises(FileExistsError):
+        wire.atomic_write(str(target), b"second", 0o600, overwrite=False, sync_dir=True)
+    assert target.read_bytes() == b"first"
+    wire.atomic_write(str(tmp_path / "new.key"), b"key", 0o600, overwrite=False, sync_dir=True)
+    assert mode_of(tmp_path / "new.key") == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["ca.key", "new.key"]      # no temp file left
+
+
+def test_read_ca_cert_and_dispatcher_serial(cfg):
+    assert pki.read_ca_cert(cfg.ca_dir) == open(cfg.ca, "rb").read()
+    assert pki.dispatcher_serial(cfg) == pki.cert_serial(open(cfg.cert, "rb").read())
+    os.unlink(cfg.cert)
+    with pytest.raises(pki.PKIError, match="dispatcher certificate .* run setup-dispatcher first"):
+        pki.dispatcher_serial(cfg)
 
 
 # --- leaf certificates -------------------------------------------------------------------
@@ -335,14 +356,6 @@ def test_sign_csr_refuses_a_bad_csr(ca_dir):
         pki.sign_csr(str(ca_dir), make_csr(rsa.generate_private_key(65537, 1024)))
 
 
-def test_pairing_code_is_sha256_prefix_mod_a_million():
-    pem = make_csr()
-    import hashlib
-    expected = "%06d" % (int.from_bytes(hashlib.sha256(pem).digest()[:4], "big") % 1000000)
-    assert pki.pairing_code(pem) == expected == wire.pairing_code(pem)
-    assert pki.pairing_code(pem.decode()) == expected
-
-
 # --- enrolment -----------------------------------------------------------------------------
 
 def test_enroll_writes_bundle_and_registers(tmp_path, cfg):
@@ -376,7 +389,7 @@ def test_enroll_writes_bundle_and_registers(tmp_path, cfg):
     assert scripts and all(line.startswith("#") for line in scripts)
     out_text = openssl_text(["verify", "-x509_strict", "-CAfile", str(out / "ca.crt"), str(out / "agent.crt")])
     assert out_text.strip().endswith("OK")
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
 
 
 def test_enroll_refuses_without_dispatcher_cert(tmp_path, ca_dir):

@@ -23,8 +23,10 @@ import time
 import pytest
 
 import pki
+import store
+from apitest_support import ApiServer
 from fleet import Fleet
-from reliability_support import WAIT_S, ApiProc, Background, wait_for
+from reliability_support import WAIT_S, Background, wait_for
 
 #: Seconds the API waits for an agent's answer in the hang tests (read_timeout).
 SHORT_READ_TIMEOUT_S = 3
@@ -74,8 +76,8 @@ def api(fleet, tmp_path):
     """Factory: start the API for `fleet` with extra ctrl-exec.conf keys; stopped at teardown."""
     procs = []
 
-    def start(**conf) -> ApiProc:
-        proc = ApiProc.for_fleet(fleet, str(tmp_path / "api.log"), **conf).start()
+    def start(**conf) -> ApiServer:
+        proc = ApiServer.for_fleet(fleet, str(tmp_path / "api.log"), **conf).start()
         procs.append(proc)
         return proc
 
@@ -108,11 +110,7 @@ def completed(api_proc, reqid: str) -> dict | None:
 
 
 def stored_record(fleet, reqid: str) -> dict | None:
-    path = os.path.join(fleet.cfg.state_dir, "runs", reqid + ".json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as fh:
-        return json.load(fh)
+    return store.Store(fleet.cfg).runs.load(reqid)
 
 
 @contextlib.contextmanager
@@ -263,7 +261,7 @@ def test_run_store_read_only_answers_results_and_logs_the_failed_write(fleet, ap
     proc = api()
     status, _, first = run(proc, ["web-01"], "hello")        # creates runs/
     assert status == 200
-    runs_dir = os.path.join(fleet.cfg.state_dir, "runs")
+    runs_dir = store.Store(fleet.cfg).runs.backend.dir      # the file backend's runs/
     with read_only(runs_dir):
         status, _, body = run(proc, ["web-01"], "hello")
         assert status == 200, body                           # the scripts ran: results are answered
@@ -294,10 +292,9 @@ CORRUPT_RECORDS = {
 
 def test_corrupt_registry_records_are_inline_errors_never_5xx(fleet, api):
     add_agent(fleet, "web-01", {"hello": "echo hi\n"})
-    agents_dir = os.path.join(fleet.cfg.state_dir, "agents")
+    registry = store.Store(fleet.cfg).registry
     for name, data in CORRUPT_RECORDS.items():
-        with open(os.path.join(agents_dir, name + ".json"), "wb") as fh:
-            fh.write(data)
+        registry.backend.put(name, data)                # raw bytes, past the facade's encoding
     proc = api()
     names = ["web-01"] + sorted(CORRUPT_RECORDS)
     started = time.monotonic()
@@ -373,8 +370,8 @@ def hook_env(tmp_path_factory):
     proc = None
     try:
         add_agent(fleet, "web-01", {"hello": "echo hi\n"})
-        proc = ApiProc.for_fleet(fleet, str(root / "api.log"), auth_hook=hook,
-                                 auth_hook_timeout=1).start()
+        proc = ApiServer.for_fleet(fleet, str(root / "api.log"), auth_hook=hook,
+                                   auth_hook_timeout=1).start()
         yield proc, hook, pids
     finally:
         if proc is not None:

@@ -3,7 +3,7 @@
 Targets are real processes: `python ctrlexec_api.py` (plain HTTP), one
 `ctrlexec_agent.py serve` on 127.0.0.x (rate_limit_disable = 1 so the corpus's
 TLS failures do not block 127.0.0.1; request_timeout = 3 s), and a pairing
-listener started the way `ctrlexec.py pairing-mode` starts it (pki.run_pairing_mode
+listener started the way `ctrlexec.py pairing-mode` starts it (pairing.run_pairing_mode
 in its own gevent-patched process; its per-request deadline lowered to 3 s so
 the slowloris case fits in CI).
 
@@ -26,13 +26,16 @@ import pytest
 
 import ctrlexec_agent as wire
 import ctrlexec_api
-import pki
+import pairing
+import service
+import store
+from apitest_support import ApiServer
 from fleet import Fleet
-from reliability_support import ApiProc, Background, PairingProc, raw_exchange
+from reliability_support import Background, PairingProc, raw_exchange
 
 #: The agent's whole-request deadline in this module (agent.conf request_timeout).
 AGENT_REQUEST_TIMEOUT_S = 3
-#: The pairing listener's per-request deadline in this module (pki.PAIRING_IO_TIMEOUT_S).
+#: The pairing listener's per-request deadline in this module (pairing.PAIRING_IO_TIMEOUT_S).
 PAIRING_IO_TIMEOUT_S = 3
 SLACK_S = 8
 CANARY = "#!/bin/sh\necho ran >> %s\n"
@@ -55,7 +58,7 @@ class Target:
         self.agent = self.fleet.add_agent(
             "web-01", scripts={"canary": CANARY % self.canary, "hello": "#!/bin/sh\necho hi\n"},
             conf_extra={"rate_limit_disable": 1, "request_timeout": AGENT_REQUEST_TIMEOUT_S})
-        self.api = ApiProc.for_fleet(self.fleet, os.path.join(self.root, "api.log")).start()
+        self.api = ApiServer.for_fleet(self.fleet, os.path.join(self.root, "api.log")).start()
         self.pairing = PairingProc(self.fleet, self.pairing_log,
                                    io_timeout_s=float(PAIRING_IO_TIMEOUT_S)).start()
         self.pairing_port = self.pairing.port
@@ -169,9 +172,9 @@ def bad(detail: str) -> dict:
     return {"ok": False, "error": "bad request", "detail": detail}
 
 
-HOSTS = ctrlexec_api.HOSTS_DETAIL
-SCRIPT = ctrlexec_api.SCRIPT_DETAIL
-ARGS = ctrlexec_api.ARGS_DETAIL
+HOSTS = service.HOSTS_DETAIL
+SCRIPT = service.SCRIPT_DETAIL
+ARGS = service.ARGS_DETAIL
 INVALID = "invalid JSON body"
 
 #: (path, raw body, expected 400 detail)
@@ -284,13 +287,12 @@ def test_api_hostile_host_names_are_inline_errors_never_dialled(target):
     status, _, disc = target.api.call("POST", "/discovery", {"hosts": HOSTILE_HOSTS}, timeout=15)
     assert status == 200 and all(r["status"] == "error" for r in disc["hosts"].values())
     assert not target.canary_ran()
-    state = target.fleet.cfg.state_dir
-    # nothing was registered, and no lock file was made for a hostile name
-    assert [n for n in os.listdir(os.path.join(state, "agents")) if n.endswith(".json")] \
-        == ["web-01.json"]
-    locks = os.path.join(state, "locks")
-    assert all(n.startswith("web-01--") for n in (os.listdir(locks) if os.path.isdir(locks)
-                                                  else [])), os.listdir(locks)
+    # nothing was registered, and no lock is held for a hostile name (that no hostile name
+    # ever becomes a file outside locks/: test_store.py test_hostile_lock_names_*)
+    state = store.Store(target.fleet.cfg)
+    assert state.registry.names() == ["web-01"]
+    assert all(state.registry.get(host) is None for host in HOSTILE_HOSTS)
+    assert all(row["host"] == "web-01" for row in state.locks.held()), state.locks.held()
 
 
 def test_api_duplicate_keys_last_value_is_the_one_executed(target):
@@ -546,7 +548,7 @@ def test_everything_survived_and_nothing_ran(target):
     assert target.agent.proc.poll() is None
     assert target.pairing.alive()
     assert not target.canary_ran()
-    assert pki.list_requests(target.fleet.cfg) == []            # nothing queued for approval
+    assert pairing.list_requests(target.fleet.cfg) == []            # nothing queued for approval
     log = target.api.log()
     assert "Traceback" not in log, log[-3000:]
     assert "ACTION=api-error" not in log, log[-3000:]

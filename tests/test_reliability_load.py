@@ -24,7 +24,9 @@ import time
 
 import pytest
 
-from reliability_support import ApiProc, build_fleet
+import store
+from apitest_support import ApiServer
+from fleet import Fleet
 
 SCALE = float(os.environ.get("CTRL_EXEC_LOAD_SCALE", "1"))
 CLIENTS = max(2, int(50 * SCALE))
@@ -56,7 +58,7 @@ echo ok
 class Worker:
     """One client: RUNS_PER_CLIENT runs, each retried after a 409 until it ran (bounded)."""
 
-    def __init__(self, api: ApiProc, seed: int) -> None:
+    def __init__(self, api: ApiServer, seed: int) -> None:
         self.api = api
         self.rng = random.Random(seed)
         self.answers = []
@@ -82,7 +84,7 @@ class Worker:
 @pytest.fixture(scope="module")
 def load_fleet(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("load"))
-    fleet = build_fleet(root, [], {})
+    fleet = Fleet(root)
     try:
         for name in AGENTS:
             agent = fleet.add_agent(name, start=False)
@@ -97,7 +99,7 @@ def load_fleet(tmp_path_factory):
 
 def test_concurrent_clients_overlapping_runs_no_5xx_records_stored_locks_hold(load_fleet,
                                                                               tmp_path):
-    api = ApiProc.for_fleet(load_fleet, str(tmp_path / "api.log")).start()
+    api = ApiServer.for_fleet(load_fleet, str(tmp_path / "api.log")).start()
     try:
         workers = [Worker(api, seed) for seed in range(CLIENTS)]
         started = time.monotonic()
@@ -114,13 +116,13 @@ def test_concurrent_clients_overlapping_runs_no_5xx_records_stored_locks_hold(lo
         statuses = collections.Counter(status for status, _ in answers)
         assert set(statuses) <= {200, 409}, statuses            # no 5xx, nothing unexpected
         assert statuses[200] == CLIENTS * RUNS_PER_CLIENT, statuses   # every run ran once
-        runs_dir = os.path.join(load_fleet.cfg.state_dir, "runs")
+        runs = store.Store(load_fleet.cfg).runs
         exits = collections.Counter()
         for status, body in answers:
             if status == 409:
                 assert body["error"] == "locked" and body["conflicts"], body
                 continue
-            assert os.path.isfile(os.path.join(runs_dir, body["reqid"] + ".json")), body["reqid"]
+            assert runs.load(body["reqid"]) is not None, body["reqid"]
             exits.update(row["exit"] for row in body["results"])
         assert set(exits) == {0}, exits                            # 9 would be an overlap
         violations = [a.name for a in load_fleet.agents.values()
@@ -139,7 +141,7 @@ def test_concurrent_clients_overlapping_runs_no_5xx_records_stored_locks_hold(lo
         api.stop()
 
 
-def _mixed_request(api: ApiProc, i: int) -> int:
+def _mixed_request(api: ApiServer, i: int) -> int:
     """One request of a fixed mix (health, ping, run, status, 400, 404, discovery)."""
     kind = i % 8
     host = AGENTS[i % len(AGENTS)]
@@ -162,7 +164,7 @@ def _mixed_request(api: ApiProc, i: int) -> int:
     return api.call("GET", "/openapi.json")[0]
 
 
-def _drive(api: ApiProc, start: int, stop: int, clients: int = 8) -> collections.Counter:
+def _drive(api: ApiServer, start: int, stop: int, clients: int = 8) -> collections.Counter:
     """Send requests start..stop-1 from `clients` concurrent clients; count the statuses."""
     seen = collections.Counter()
     lock = threading.Lock()
@@ -184,7 +186,7 @@ def _drive(api: ApiProc, start: int, stop: int, clients: int = 8) -> collections
 
 
 def test_api_memory_after_2000_requests_within_20mb_of_after_200(load_fleet, tmp_path):
-    api = ApiProc.for_fleet(load_fleet, str(tmp_path / "api.log")).start()
+    api = ApiServer.for_fleet(load_fleet, str(tmp_path / "api.log")).start()
     try:
         first = _drive(api, 0, MEMORY_WARMUP)
         after_warmup = api.rss_kb()

@@ -32,7 +32,9 @@ import sys
 
 import pytest
 
-from reliability_support import ROOT, ApiProc, build_fleet
+from apitest_support import ApiServer
+from fleet import Fleet
+from reliability_support import ROOT
 
 SPEC_PATH = os.path.join(ROOT, "openapi.json")
 
@@ -142,10 +144,10 @@ def _run_schemathesis(name: str, location: str, base: str, mode: str, report_dir
 def live_api(tmp_path_factory):
     """A real API process (allow-all) in front of two real agents; stopped after the module."""
     root = str(tmp_path_factory.mktemp("schema-fleet"))
-    fleet = build_fleet(root, ["web-01", "web-02"], SCRIPTS, conf={"read_timeout": "20"})
+    fleet = Fleet.with_agents(root, ["web-01", "web-02"], scripts=SCRIPTS, read_timeout="20")
     api = None
     try:
-        api = ApiProc.for_fleet(fleet, os.path.join(root, "api.log")).start()
+        api = ApiServer.for_fleet(fleet, os.path.join(root, "api.log")).start()
         yield api
     finally:
         if api is not None:

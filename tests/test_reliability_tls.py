@@ -25,8 +25,9 @@ import warnings
 import pytest
 
 import pki
+from apitest_support import ApiServer
 from fleet import Fleet
-from reliability_support import ApiProc, PairingProc
+from reliability_support import PairingProc
 
 HANDSHAKE_TIMEOUT_S = 10.0
 #: TLS 1.2 suites outside the policy that an ECDSA server could otherwise negotiate.
@@ -127,8 +128,8 @@ def ports(tmp_path_factory):
         (root / "api.crt").write_bytes(cert_pem)
         (root / "api.key").write_bytes(key_pem)
         os.chmod(str(root / "api.key"), 0o600)
-        api = ApiProc.for_fleet(fleet, str(root / "api.log"), api_cert=str(root / "api.crt"),
-                      api_key=str(root / "api.key")).start()
+        api = ApiServer.for_fleet(fleet, str(root / "api.log"), api_cert=str(root / "api.crt"),
+                                  api_key=str(root / "api.key")).start()
         pairing = PairingProc(fleet, str(root / "pairing.log")).start()
         control = ControlServer(str(root / "api.crt"), str(root / "api.key"))
         yield {

@@ -1,8 +1,14 @@
-"""Tests for store.py: registry, run store, host+script locks, Store bundle."""
+"""Tests for store.py: the facade's rules (on files and on an in-memory backend), the
+file backends' layout and modes, registry, run store, host+script locks, Store bundle.
+
+The only tests that read agents/, runs/ or locks/ by path (every other test file goes
+through the facade).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -202,8 +208,8 @@ def test_registry_updates_from_several_processes_are_never_lost(state, children)
 def test_registry_lock_times_out_instead_of_hanging(state, monkeypatch):
     reg = store.Registry(state)
     reg.put("web-01", record())
-    monkeypatch.setattr(store, "REGISTRY_LOCK_TIMEOUT_S", 0.2)
-    with reg._locked():
+    monkeypatch.setattr(store, "STATE_LOCK_TIMEOUT_S", 0.2)
+    with reg.backend._locked():
         with pytest.raises(store.StoreError, match="registry is busy"):
             reg.update("web-01", tags={})
 
@@ -270,7 +276,9 @@ def test_run_store_roundtrip_modes_and_restart(state):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=CHILD_TIMEOUT_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.decode().strip() == "caf\u00e9/ok"
-    assert sorted(os.listdir(os.path.join(state, "runs"))) == ["0123456789abcdef.json"]
+    assert sorted(os.listdir(os.path.join(state, "runs"))) == [".update.lock",
+                                                               "0123456789abcdef.json"]
+    assert mode_of(os.path.join(state, "runs", ".update.lock")) == 0o660
 
 
 def test_run_store_overwrite_is_atomic_replacement(state):
@@ -278,7 +286,7 @@ def test_run_store_overwrite_is_atomic_replacement(state):
     runs.save({"reqid": "abc", "complete": False})
     runs.save({"reqid": "abc", "complete": True})
     assert runs.load("abc") == {"reqid": "abc", "complete": True}
-    assert os.listdir(os.path.join(state, "runs")) == ["abc.json"]
+    assert sorted(os.listdir(os.path.join(state, "runs"))) == [".update.lock", "abc.json"]
 
 
 @pytest.mark.parametrize("reqid", ["../x", "a/b", "", "a" * 65, "a.b", "x\n", None, 12, "caf\u00e9"])
@@ -321,7 +329,7 @@ def test_run_store_corrupt_record(state):
         fh.write('{"reqid": "r1", "trunc')
     with pytest.raises(store.CorruptRecord) as info:
         runs.load("r1")
-    assert info.value.path == path
+    assert info.value.path == path == runs.backend.where("r1")
     with open(path, "w") as fh:
         fh.write('"a string"')
     with pytest.raises(store.CorruptRecord, match="expected a JSON object"):
@@ -355,12 +363,151 @@ def test_run_store_expiry_and_purge(state):
     assert runs.load("old1") is None            # expired reads as absent
     assert runs.load("fresh") == {"reqid": "fresh"}
     assert runs.purge() == 2
-    assert sorted(os.listdir(rundir)) == ["README", "fresh.json"]
+    assert sorted(os.listdir(rundir)) == [".update.lock", "README", "fresh.json"]
     assert runs.purge() == 0
 
 
 def test_run_store_purge_without_dir(state):
     assert store.RunStore(state).purge() == 0
+
+
+def test_stored_run_file_is_0640_plain_json_without_secrets(state):
+    # The file-level half of the API / CLI / stream checks "stored without the token".
+    runs = store.RunStore(state)
+    rec = store.sync_record(reqid="feedfacefeedface", script="hello", hosts=["web-01"],
+                            results=[{"host": "web-01", "exit": 0, "stdout": "hi\n"}],
+                            submitter={"username": "alice", "source_ip": "127.0.0.1",
+                                       "token": "tok-1"})
+    runs.save(rec)
+    path = runs.backend.where("feedfacefeedface")
+    assert path == os.path.join(state, "runs", "feedfacefeedface.json")
+    assert mode_of(path) == 0o640
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    assert b"tok-1" not in raw
+    import json
+    assert json.loads(raw) == runs.load("feedfacefeedface")
+    assert runs.load("feedfacefeedface")["submitter"] == {"username": "alice",
+                                                          "source_ip": "127.0.0.1"}
+
+
+# --- run store: update ------------------------------------------------------------------------
+
+def test_run_update_replaces_the_record_and_returns_it(state):
+    runs = store.RunStore(state)
+    runs.save({"reqid": "r1", "n": 1, "results": []})
+    new = runs.update("r1", lambda rec: dict(rec, n=rec["n"] + 1, token="s3cret",
+                                             results=[{"host": "a", "password": "x"}]))
+    assert new == {"reqid": "r1", "n": 2, "results": [{"host": "a"}]}
+    assert runs.load("r1") == new
+    path = runs.backend.where("r1")
+    assert mode_of(path) == 0o640
+    with open(path, "rb") as fh:
+        assert b"s3cret" not in fh.read()
+
+
+def test_run_update_of_absent_or_expired_record_is_none_and_fn_not_called(state):
+    runs = store.RunStore(state, retention_s=3600)
+    called = []
+    fn = lambda rec: called.append(rec) or rec  # noqa: E731
+    assert runs.update("nope", fn) is None
+    runs.save({"reqid": "old"})
+    past = time.time() - 7200
+    os.utime(runs.backend.where("old"), (past, past))
+    assert runs.update("old", fn) is None
+    assert called == []
+    # Not resurrected: still expired (mtime untouched), and purged as such.
+    assert os.stat(runs.backend.where("old")).st_mtime == pytest.approx(past)
+    assert runs.load("old") is None and runs.purge() == 1
+
+
+@pytest.mark.parametrize("result, match", [(None, "returned NoneType, not a dict"),
+                                           (["x"], "returned list"),
+                                           ({"reqid": "r2"}, "returned reqid 'r2'"),
+                                           ({"x": 1}, "returned reqid None"),
+                                           ({"reqid": "r1", "x": object()}, "not JSON")])
+def test_run_update_refuses_bad_results_and_keeps_the_record(state, result, match):
+    runs = store.RunStore(state)
+    runs.save({"reqid": "r1", "n": 1})
+    with pytest.raises(store.StoreError, match=match):
+        runs.update("r1", lambda rec: result)
+    assert runs.load("r1") == {"reqid": "r1", "n": 1}
+    assert runs.load("r2") is None
+
+
+def test_run_update_of_corrupt_record_raises_and_fn_not_called(state):
+    runs = store.RunStore(state)
+    runs.save({"reqid": "r1"})
+    with open(runs.backend.where("r1"), "w") as fh:
+        fh.write("{trunc")
+    called = []
+    with pytest.raises(store.CorruptRecord):
+        runs.update("r1", lambda rec: called.append(rec) or rec)
+    assert called == []
+
+
+@pytest.mark.parametrize("reqid", ["../x", "", None, "a" * 65])
+def test_run_update_refuses_bad_reqids(state, reqid):
+    with pytest.raises(store.StoreError, match="invalid reqid"):
+        store.RunStore(state).update(reqid, lambda rec: rec)
+    assert not os.path.exists(os.path.join(state, "runs"))
+
+
+def test_run_updates_from_several_processes_are_never_lost(state, children):
+    runs = store.RunStore(state)
+    runs.save({"reqid": "r1", "seen": []})
+    code = ("import sys; sys.path.insert(0, %r); import store\n"
+            "runs = store.RunStore(%r)\n"
+            "for i in range(30):\n"
+            "    runs.update('r1', lambda r: dict(r, seen=r['seen'] + [sys.argv[1]]))\n"
+            % (REPO, state))
+    for k in range(3):
+        children.append(subprocess.Popen([sys.executable, "-c", code, "p%d" % k]))
+    for _ in range(30):
+        runs.update("r1", lambda r: dict(r, seen=r["seen"] + ["main"]))
+    for proc in children:
+        assert proc.wait(timeout=CHILD_TIMEOUT_S) == 0
+    seen = runs.load("r1")["seen"]
+    assert sorted(set(seen)) == ["main", "p0", "p1", "p2"]
+    assert all(seen.count(tag) == 30 for tag in ("main", "p0", "p1", "p2"))
+
+
+def test_run_updates_from_greenlets_are_never_lost(state):
+    import gevent
+    runs = store.RunStore(state)
+    runs.save({"reqid": "r1", "n": 0})
+
+    def bump(rec):
+        gevent.sleep(0.001)         # yield mid-update: another greenlet runs meanwhile
+        return dict(rec, n=rec["n"] + 1)
+
+    jobs = [gevent.spawn(runs.update, "r1", bump) for _ in range(20)]
+    gevent.joinall(jobs, timeout=CHILD_TIMEOUT_S, raise_error=True)
+    assert runs.load("r1")["n"] == 20
+
+
+def test_run_update_waiting_for_the_lock_keeps_the_hub_running(state, monkeypatch):
+    import gevent
+    runs = store.RunStore(state)
+    runs.save({"reqid": "r1", "n": 0})
+    ticks = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
+    try:
+        with runs.backend._locked():
+            waiter = gevent.spawn(runs.update, "r1", lambda rec: dict(rec, n=1))
+            gevent.sleep(0.3)
+            assert not waiter.ready()
+            assert len(ticks) >= 10         # the hub kept running while update waited
+        assert waiter.get(timeout=CHILD_TIMEOUT_S) == {"reqid": "r1", "n": 1}
+        monkeypatch.setattr(store, "STATE_LOCK_TIMEOUT_S", 0.2)
+        with runs.backend._locked():
+            with pytest.raises(store.StoreError, match="run store is busy"):
+                runs.update("r1", lambda rec: rec)
+            with pytest.raises(store.StoreError, match="run store is busy"):
+                runs.save({"reqid": "r1"})
+    finally:
+        ticker.kill()
+    assert runs.load("r1") == {"reqid": "r1", "n": 1}
 
 
 # --- locks -----------------------------------------------------------------------------------
@@ -470,6 +617,22 @@ def test_children_spawned_while_holding_do_not_keep_locks(state, children):
         pass
 
 
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "..", ".", "web-01/../x",
+                                  "web-01\x00", "web-01:../../x", "a" * 300, "\u202eweb-01",
+                                  "web 01", "web-01\nX-Injected: 1", "%2e%2e%2f"])
+def test_hostile_lock_names_stay_inside_locks_dir(state, tmp_path, name):
+    # The file-level half of the hostile-hosts API test: whatever name reaches the lock
+    # layer, its file is one plain, safely named entry of locks/ and nothing else is made.
+    locks = store.Locks(state)
+    with locks.hold([name], "canary"):
+        files = os.listdir(os.path.join(state, "locks"))
+        assert len(files) == 1 and "--canary" in files[0], files
+        assert re.fullmatch(r"[A-Za-z0-9_.~-]+\.lock", files[0]), files
+        assert len(files[0].encode()) <= store.MAX_FILENAME_BYTES
+    assert sorted(os.listdir(state)) == ["locks"]
+    assert sorted(os.listdir(tmp_path)) == ["state"]
+
+
 # --- Store bundle ----------------------------------------------------------------------------
 
 def test_open_store_creates_directories(tmp_path):
@@ -518,3 +681,148 @@ def test_holding_no_names_is_a_no_op(state):
     # The API holds only registered names; a request of unknown hosts holds nothing.
     with store.Locks(state).hold([], "backup") as held:
         assert held.names == []
+
+
+def test_open_store_selects_the_file_backends(tmp_path):
+    cfg = config.Config(state_dir=str(tmp_path / "state"), dispatcher_id="d1")
+    st = store.open_store(cfg)
+    assert isinstance(st.registry.backend, store.FileRegistryBackend)
+    assert isinstance(st.runs.backend, store.FileRunBackend)
+    assert isinstance(st.locks.backend, store.FileLockBackend)
+    with st.locks.hold(["web-01"], "backup") as held:
+        assert held.fencing is None and [lease.fencing for lease in held.leases] == [None]
+
+
+# --- the facade's rules on another backend ----------------------------------------------------
+
+class MemoryRecords:
+    """RegistryBackend and RunBackend in a dict; records calls, no rules of its own."""
+
+    def __init__(self):
+        self.data = {}          # key -> Stored
+        self.calls = []
+
+    def prepare(self):
+        self.calls.append(("prepare",))
+
+    def where(self, key):
+        return "mem:" + key
+
+    def get(self, key):
+        self.calls.append(("get", key))
+        return self.data.get(key)
+
+    def names(self):
+        return list(self.data)
+
+    def put(self, key, data, ttl_s=None):
+        self.calls.append(("put", key, data, ttl_s))
+        self.data[key] = store.Stored(data, 0.0)
+
+    def update(self, key, fn, ttl_s=None):
+        self.calls.append(("update", key, ttl_s))
+        data = fn(self.data.get(key))
+        if data is not None:
+            self.data[key] = store.Stored(data, 0.0)
+
+    def delete(self, key):
+        return self.data.pop(key, None) is not None
+
+    def purge(self, max_age_s):
+        old = [k for k, v in self.data.items() if v.age_s > max_age_s]
+        for key in old:
+            del self.data[key]
+        return len(old)
+
+
+class MemoryLocks:
+    """LockBackend in a dict, issuing fencing numbers like a lease backend would."""
+
+    def __init__(self):
+        self.holders = {}
+        self.counter = 0
+        self.released = []
+
+    def prepare(self):
+        pass
+
+    def key_of(self, name, script):
+        return "%s|%s" % (name.lower(), script)
+
+    def acquire(self, name, script):
+        key = self.key_of(name, script)
+        if key in self.holders:
+            return None
+        self.counter += 1
+        self.holders[key] = (name, script)
+        return store.Lease(key, name, script, "owner-%d" % self.counter, self.counter)
+
+    def release(self, lease):
+        if self.holders.pop(lease.key, None) is not None:
+            self.released.append(lease.key)
+
+    def held(self):
+        return [{"host": n, "script": s} for n, s in self.holders.values()]
+
+
+def test_facade_run_rules_hold_on_any_backend():
+    mem = MemoryRecords()
+    runs = store.RunStore(mem, retention_s=60)
+    runs.save({"reqid": "r1", "token": "s3cret", "results": [{"Password": "s3cret", "x": 1}]})
+    _, key, data, ttl_s = mem.calls[-1]
+    assert (key, ttl_s) == ("r1", 60) and b"s3cret" not in data      # scrubbed before storing
+    assert runs.load("r1") == {"reqid": "r1", "results": [{"x": 1}]}
+    for bad in ("../x", "", None):
+        with pytest.raises(store.StoreError, match="invalid reqid"):
+            runs.load(bad)
+        with pytest.raises(store.StoreError, match="invalid reqid"):
+            runs.update(bad, lambda rec: rec)
+    assert [c[1] for c in mem.calls if c[0] in ("get", "update")] == ["r1"]   # never reached
+    # Retention is the facade's: a record the backend still holds is absent once too old.
+    mem.data["r1"] = mem.data["r1"]._replace(age_s=61)
+    assert runs.load("r1") is None
+    assert runs.update("r1", lambda rec: pytest.fail("fn called on an expired record")) is None
+    mem.data["r2"] = store.Stored(b"[1]", 0.0)
+    with pytest.raises(store.CorruptRecord) as info:
+        runs.load("r2")
+    assert info.value.path == "mem:r2"
+    assert runs.purge() == 1 and list(mem.data) == ["r2"]
+
+
+def test_facade_registry_rules_hold_on_any_backend():
+    mem = MemoryRecords()
+    reg = store.Registry(mem)
+    reg.put("web-01", record(tags={"role": "web"}))
+    reg.put("db-01", record(hostname="db-01", tags={"role": "db"}))
+    mem.data["../evil"] = mem.data["web-01"]               # a backend holding a bad name
+    mem.data["broken"] = store.Stored(b"garbage", 0.0)
+    assert reg.names() == ["broken", "db-01", "web-01"]
+    assert reg.get("../evil") is None
+    assert [r["name"] for r in reg.list({"role": "web"})] == ["web-01"]
+    assert reg.resolve(["web-01", "broken", "../evil", "ghost"]) == [
+        store.Target("web-01", "web-01", "web-01.example.net", 7443),
+        store.Target("broken", "broken", None, None),
+        store.Target("../evil", "../evil", None, None),
+        store.Target("ghost", "ghost", None, None)]
+    assert reg.update("web-01", serial_status="stale")["serial_status"] == "stale"
+    with pytest.raises(store.StoreError, match="not registered"):
+        reg.update("ghost", tags={})
+    with pytest.raises(store.StoreError, match="invalid agent name"):
+        reg.put("../evil", record())
+    assert "ghost" not in mem.data and reg.delete("../evil") is False
+
+
+def test_facade_locks_are_all_or_nothing_on_any_backend():
+    mem = MemoryLocks()
+    locks = store.Locks(mem)
+    with locks.hold(["web-01", "WEB-01", "db-01"], "backup") as held:
+        assert held.names == ["web-01", "db-01"]             # one key, one lock
+        assert held.fencing == 2 and [lease.fencing for lease in held.leases] == [1, 2]
+        with pytest.raises(store.LockConflict) as info:
+            locks.hold(["app-01", "db-01"], "backup")
+        assert info.value.conflicts == ["db-01"]
+        assert {"host": "app-01", "script": "backup"} not in locks.held()
+        assert locks.held() == [{"host": "db-01", "script": "backup"},
+                                {"host": "web-01", "script": "backup"}]
+    assert locks.held() == []
+    assert mem.released == ["app-01|backup", "db-01|backup", "web-01|backup"]

@@ -25,6 +25,7 @@ import pytest
 
 import ctrlexec_agent as wire
 import pki
+import store
 from apitest_support import SPEC, ApiServer, read_http_response
 from fleet import wait_for
 
@@ -337,9 +338,8 @@ def test_interleaved_in_order_and_done_equals_sync_run(fleet, api, transport):
     assert record["results"] == done["results"]
     assert record["complete"] is True and record["mode"] == "sync"
     assert record["hosts"] == hosts and record["script"] == "lines"
-    path = os.path.join(fleet.cfg.state_dir, "runs", done["reqid"] + ".json")
-    with open(path) as fh:
-        assert "SECRET-TOKEN-XYZ" not in fh.read()
+    stored = store.Store(fleet.cfg).runs.load(done["reqid"])      # the file: test_store.py
+    assert stored is not None and "SECRET-TOKEN-XYZ" not in json.dumps(stored)
     assert "SECRET-TOKEN-XYZ" not in server.log()
     mode = "websocket" if transport == "websocket" else "stream"
     assert "MODE=%s" % mode in server.log()

@@ -1,0 +1,541 @@
+"""The run transaction that the HTTP API and the operator CLI share.
+
+Owns, for both front ends, in this order: request validation (pure ``validate_*``
+functions raising one ``BadRequest`` with one wording), the run plan (a frozen
+``RunPlan``; its reqid is minted before the auth hook, so the hook sees it from
+the API and the CLI alike), auth (``Denied``), host resolution, the host+script
+locks (held in a ``with`` block by the code that dispatches, released before the
+caller answers), dispatch, the run record, the live events of a run, the
+aggregation of async runs (``refresh``) and the tag cache of discovery.
+
+Never does: HTTP, argv, output formatting, HTTP statuses or exit codes (the front
+ends map this module's outcomes to those), gevent patching, TLS (engine.py), state
+file layout (store.py), or keep a token anywhere but in the plan it was given
+(``RunPlan.token`` is left out of its repr, and records never carry it).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ServiceError",
+    "BadRequest",
+    "Denied",
+    "NotFound",
+    "RunNotTracked",
+    "RunPlan",
+    "Service",
+    "NO_BODY",
+    "INVALID_JSON",
+    "MAX_ARGS",
+    "parse_body",
+    "validate_run",
+    "validate_ping",
+    "validate_discovery",
+    "denial_body",
+]
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import ujson
+
+import auth
+import ctrlexec_agent as wire
+import store as store_mod
+
+# --- constants -------------------------------------------------------------------
+
+#: Most items accepted in a run's "args" array.
+MAX_ARGS = 256
+HOSTS_DETAIL = "hosts must be a non-empty array of host names"
+SCRIPT_DETAIL = "script name required (letters, digits, '_' and '-' only)"
+ARGS_DETAIL = "args must be an array of strings"
+#: How a run was asked for (recorded in the dispatch log line).
+RUN_MODES = ("sync", "async", "stream", "websocket", "follow")
+
+#: Parsed-body sentinels: no body at all / a body that is not valid JSON.
+NO_BODY = object()
+INVALID_JSON = object()
+
+
+# --- exceptions ------------------------------------------------------------------
+
+class ServiceError(Exception):
+    """Base class of the outcomes a front end maps to an HTTP status or an exit code."""
+
+
+class BadRequest(ServiceError):
+    """The request is malformed; .detail says what was wrong and what is accepted."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class Denied(ServiceError):
+    """The auth hook (or api_auth_default) refused; .decision is the auth.AuthDecision."""
+
+    def __init__(self, decision: Any, *, generic: bool = False) -> None:
+        super().__init__(decision.error + (" (%s)" % decision.detail if decision.detail else ""))
+        self.decision = decision
+        self.generic = generic
+
+    @property
+    def body(self) -> dict:
+        """{"ok": false, "error", "code"[, "detail"]}, or {"ok": false, "error": "forbidden"}."""
+        return denial_body(self.decision, generic=self.generic)
+
+
+class NotFound(ServiceError):
+    """No stored run for a reqid (never existed, or purged); .detail is the seed's text."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class RunNotTracked(ServiceError):
+    """An async run's record could not be stored, so nothing was dispatched."""
+
+
+# --- request validation (pure; SPEC §6 order) ----------------------------------------
+
+def parse_body(raw: bytes) -> Any:
+    """Decode a request body: NO_BODY when empty, INVALID_JSON when not JSON, else the value."""
+    if not raw or not raw.strip():
+        return NO_BODY
+    try:
+        return ujson.loads(raw)
+    except (ValueError, OverflowError, RecursionError):
+        return INVALID_JSON
+
+
+def validate_run(body: Any, *, max_hosts: int) -> dict:
+    """Validate a run request (a POST /run body, or the CLI's words put in that shape).
+
+    Returns: {"hosts": [..deduplicated, in order..], "script", "args": [...], "username",
+        "token", "async": bool, "stream": bool, "timeout": int | None}.
+    Raises: BadRequest(detail) with the SPEC's exact detail text, checks in SPEC order.
+    """
+    obj = _require_object(body)
+    hosts = _validate_hosts(obj, max_hosts=max_hosts)
+    script = obj.get("script")
+    if not isinstance(script, str) or not wire.SCRIPT_NAME_RE.fullmatch(script):
+        raise BadRequest(SCRIPT_DETAIL)
+    args = obj.get("args")
+    if args is None:
+        args = []
+    if (not isinstance(args, list) or len(args) > MAX_ARGS
+            or not all(_is_text(a) and "\x00" not in a for a in args)):
+        # NUL cannot cross execve; a lone surrogate (JSON "\ud800", or a non-UTF-8 byte
+        # in the CLI's argv) cannot be UTF-8 encoded for the agent.
+        raise BadRequest(ARGS_DETAIL)
+    username, token = _validate_credentials(obj)
+    flags = {}
+    for field in ("async", "stream"):
+        value = obj.get(field, False)
+        if field in obj and not isinstance(value, bool):
+            raise BadRequest("%s must be a boolean" % field)
+        flags[field] = value
+    timeout = obj.get("timeout")
+    if isinstance(timeout, float) and timeout.is_integer():
+        # JSON Schema's "integer" includes 30.0; the agents get the int.
+        timeout = int(timeout)
+    if "timeout" in obj and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                             or timeout <= 0):
+        raise BadRequest("timeout must be a positive integer")
+    if flags["async"] and flags["stream"]:
+        raise BadRequest("async and stream cannot be combined (use one of them)")
+    return {"hosts": hosts, "script": script, "args": list(args), "username": username,
+            "token": token, "async": flags["async"], "stream": flags["stream"],
+            "timeout": timeout}
+
+
+def validate_ping(body: Any, *, max_hosts: int) -> dict:
+    """Validate a ping request.
+
+    Returns: {"hosts": [...], "username": str, "token": str}.
+    Raises: BadRequest(detail).
+    """
+    obj = _require_object(body)
+    hosts = _validate_hosts(obj, max_hosts=max_hosts)
+    username, token = _validate_credentials(obj)
+    return {"hosts": hosts, "username": username, "token": token}
+
+
+def validate_discovery(body: Any, *, max_hosts: int) -> dict:
+    """Validate an optional discovery request (absent body or hosts = every agent).
+
+    Returns: {"hosts": [...] | None, "username": str, "token": str}.
+    Raises: BadRequest(detail): invalid JSON, not an object, hosts [] or not an array.
+    """
+    if body is NO_BODY:
+        return {"hosts": None, "username": "", "token": ""}
+    obj = _require_object(body)
+    hosts = _validate_hosts(obj, max_hosts=max_hosts) if "hosts" in obj else None
+    username, token = _validate_credentials(obj)
+    return {"hosts": hosts, "username": username, "token": token}
+
+
+def denial_body(decision: Any, *, generic: bool = False) -> dict:
+    """The 403 body of an auth denial: {ok:false, error, code[, detail]} or the generic form."""
+    if generic:
+        return {"ok": False, "error": "forbidden"}
+    body = {"ok": False, "error": decision.error, "code": decision.code}
+    if decision.detail:
+        body["detail"] = decision.detail
+    return body
+
+
+# --- the run plan ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """One authorised run, fixed before anything is dialled.
+
+    reqid is minted before the auth hook runs (the hook sees it as ENVEXEC_REQID);
+    token travels to the agents only and is never part of repr() or a record.
+    """
+
+    reqid: str
+    hosts: tuple
+    script: str
+    args: tuple
+    username: str
+    source_ip: str
+    mode: str
+    timeout: Optional[int] = None
+    token: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def submitter(self) -> dict:
+        """Who asked, as stored with the run: {"username", "source_ip"} (never the token)."""
+        return {"username": self.username, "source_ip": self.source_ip}
+
+
+# --- the service ------------------------------------------------------------------------
+
+class Service:
+    """The run transaction over one store and one engine, for one front end.
+
+    Args: cfg (config.Config); store (store.Store); engine (engine.Engine); caller
+        "api" | "cli" (what the auth hook and api_auth_default see); write (callable
+        running a blocking record write, e.g. in a thread pool; default: call it);
+        warn (callable(str) told when a record could not be stored; default: log only).
+    """
+
+    def __init__(self, cfg: Any, store: Any, engine: Any, *, caller: str,
+                 write: Optional[Callable] = None, warn: Optional[Callable] = None) -> None:
+        if caller not in auth.CALLERS:
+            raise ValueError("caller must be one of %s, got %r" % (", ".join(auth.CALLERS), caller))
+        self.cfg = cfg
+        self.store = store
+        self.engine = engine
+        self.caller = caller
+        self._write = write or (lambda func, *args: func(*args))
+        self._warn = warn
+
+    # --- auth ---
+
+    def authorise(self, action: str, *, source_ip: str, username: str = "", token: str = "",
+                  **context: Any) -> None:
+        """auth.check for this front end; raise Denied unless the hook allowed it."""
+        decision = auth.check(self.cfg, action=action, source_ip=source_ip, caller=self.caller,
+                              username=username, token=token, **context)
+        if not decision.allowed:
+            raise Denied(decision, generic=bool(getattr(self.cfg, "auth_deny_generic", False)))
+
+    # --- runs ---
+
+    def plan_run(self, req: dict, *, source_ip: str, mode: str) -> RunPlan:
+        """Authorise a validated run request (action run) and fix its plan.
+
+        Args: req as returned by validate_run; mode one of RUN_MODES.
+        Returns: RunPlan with a fresh reqid (the hook saw it).
+        Raises: Denied.
+        """
+        if mode not in RUN_MODES:
+            raise ValueError("mode must be one of %s, got %r" % (", ".join(RUN_MODES), mode))
+        reqid = wire.new_reqid()
+        self.authorise("run", source_ip=source_ip, username=req["username"], token=req["token"],
+                       script=req["script"], hosts=req["hosts"], args=req["args"], reqid=reqid)
+        return RunPlan(reqid=reqid, hosts=tuple(req["hosts"]), script=req["script"],
+                       args=tuple(req["args"]), username=req["username"], source_ip=source_ip,
+                       mode=mode, timeout=req.get("timeout"), token=req["token"])
+
+    def run(self, plan: RunPlan, *, on_event: Optional[Callable] = None) -> list:
+        """Run a plan to completion (sync, stream, follow): locks, dispatch, record, events.
+
+        Events (with on_event): {"event":"start","reqid","script","hosts"} once the locks
+        are held, the engine's stdout / stderr / exit events, then {"event":"done",
+        "ok":true,"reqid","results"} after the locks are released and the record stored.
+        Returns: the per-host result rows in request order (engine.dispatch_all).
+        Raises: store.LockConflict (nothing dispatched), store.StoreError (a lock file).
+        """
+        targets = self.store.registry.resolve(list(plan.hosts))
+        with self._hold(plan, targets):
+            self._log_dispatch(plan)
+            if on_event is not None:
+                on_event({"event": "start", "reqid": plan.reqid, "script": plan.script,
+                          "hosts": list(plan.hosts)})
+            results = self.engine.dispatch_all(targets, on_event=on_event, **self._dispatch(plan))
+        self.save(store_mod.sync_record(reqid=plan.reqid, script=plan.script,
+                                        hosts=list(plan.hosts), results=results,
+                                        submitter=plan.submitter))
+        _log_run_done(plan.reqid, plan.script, results)
+        if on_event is not None:
+            on_event({"event": "done", "ok": True, "reqid": plan.reqid, "results": results})
+        return results
+
+    def submit(self, plan: RunPlan) -> list:
+        """Submit a plan as detached (async) runs; the record is stored before dispatch.
+
+        Its results exist only on the agents until refresh fetches them, so a run
+        store that cannot be written stops the run: nothing is dispatched.
+        Returns: [{host, script, status:"accepted"|"busy"|"error", reqid, rtt[, error]}].
+        Raises: store.LockConflict, RunNotTracked.
+        """
+        targets = self.store.registry.resolve(list(plan.hosts))
+        with self._hold(plan, targets):
+            accepted = [{"host": host, "script": plan.script, "status": "accepted",
+                         "reqid": plan.reqid} for host in plan.hosts]
+            try:
+                self._write(self.store.runs.save, self._async_record(plan, accepted))
+            except store_mod.StoreError as exc:
+                wire.log_action("err", "run-store-fail", reqid=plan.reqid, error=str(exc))
+                raise RunNotTracked(
+                    "the run store cannot be written, so this async run could not be tracked; "
+                    "nothing was dispatched (check state_dir permissions)") from None
+            self._log_dispatch(plan)
+            results = self.engine.dispatch_all(targets, async_=True, **self._dispatch(plan))
+        self.save(self._async_record(plan, results))
+        return results
+
+    # --- stored runs ---
+
+    def status(self, reqid: str, *, source_ip: str, token: str = "", username: str = "") -> dict:
+        """The stored record of reqid, aggregated from the agents while async and pending.
+
+        Authorised (action status, with the record's submitter) before any agent is asked.
+        Returns: the record, submitter included (store.status_view hides it from callers).
+        Raises: NotFound, store.CorruptRecord, Denied.
+        """
+        self.purge_runs()
+        try:
+            record = self.store.runs.load(reqid)
+        except store_mod.CorruptRecord as exc:
+            wire.log_action("err", "run-store-fail", reqid=reqid, error=str(exc))
+            raise store_mod.CorruptRecord(
+                "the stored record for reqid %s is unreadable" % reqid) from None
+        if record is None:
+            raise NotFound("no result for reqid %s" % reqid)
+        submitter = record.get("submitter") if isinstance(record.get("submitter"), dict) else None
+        self.authorise("status", source_ip=source_ip, username=username, token=token,
+                       reqid=reqid, submitter=submitter)
+        if record.get("mode") == "async" and not record.get("complete"):
+            record = self.refresh(record)
+        return record
+
+    def refresh(self, record: dict) -> dict:
+        """Ask the hosts of an async record that are still pending for their results.
+
+        Fetched in parallel, then merged into the record as it is stored *now*
+        (store.runs.update), so two refreshes of one run never lose each other's rows:
+        done -> the run fields; running -> "running"; agent 404 -> "expired"; a
+        transport error leaves the row as it was, plus "fetch_error".
+        Returns: the merged record (pending, complete, completed settled).
+        """
+        rows = [row for row in record.get("results") or [] if isinstance(row, dict)]
+        waiting = [row["host"] for row in rows if row.get("status") in store_mod.PENDING_STATES]
+        if not waiting:
+            return store_mod.settle_async(record)
+        targets = self.store.registry.resolve(waiting)
+        fetched = dict(zip(waiting, self.engine.fetch_results(targets, reqid=record["reqid"])))
+
+        def merge(current: dict) -> dict:
+            merged = []
+            for row in current.get("results") or []:
+                got = fetched.get(row.get("host")) if isinstance(row, dict) else None
+                if got is not None and row.get("status") in store_mod.PENDING_STATES:
+                    row = _merged_row(row, got)
+                merged.append(row)
+            return store_mod.settle_async(dict(current, results=merged))
+
+        try:
+            updated = self._write(self.store.runs.update, record["reqid"], merge)
+        except store_mod.StoreError as exc:
+            wire.log_action("err", "run-store-fail", reqid=record.get("reqid", ""), error=str(exc))
+            updated = None
+        return updated if updated is not None else merge(record)
+
+    def save(self, record: dict) -> bool:
+        """Store a run record; a failed write is logged (and warned), never fatal (ref §5.4)."""
+        try:
+            self._write(self.store.runs.save, record)
+            return True
+        except store_mod.StoreError as exc:
+            wire.log_action("err", "run-store-fail", reqid=record.get("reqid", ""), error=str(exc))
+            if self._warn is not None:
+                self._warn("run %s was not stored: %s" % (record.get("reqid"), exc))
+            return False
+
+    def purge_runs(self) -> int:
+        """Delete expired run records (lazily on status, and by the API's purger); logged."""
+        try:
+            return self.store.runs.purge()
+        except store_mod.StoreError as exc:
+            wire.log_action("err", "run-store-fail", error=str(exc))
+            return 0
+
+    # --- fleet queries ---
+
+    def ping(self, req: dict, *, source_ip: str) -> tuple:
+        """Ping validated hosts (action ping; reqid minted before the hook, as for runs).
+
+        Returns: (reqid, [per-host ping rows in request order]).
+        Raises: Denied.
+        """
+        reqid = wire.new_reqid()
+        self.authorise("ping", source_ip=source_ip, username=req["username"], token=req["token"],
+                       hosts=req["hosts"], reqid=reqid)
+        targets = self.store.registry.resolve(req["hosts"])
+        return reqid, self.engine.ping_all(targets, reqid=reqid)
+
+    def discovery(self, req: dict, *, source_ip: str) -> dict:
+        """Capabilities keyed by registry name (action ping); tags cached in the registry.
+
+        Args: req as returned by validate_discovery (hosts None = every registered agent).
+        Returns: {name: capabilities row, "tags" always an object}.
+        Raises: Denied.
+        """
+        entries = req["hosts"]
+        self.authorise("ping", source_ip=source_ip, username=req["username"], token=req["token"],
+                       hosts=entries or ())
+        if entries is None:
+            entries = self.store.registry.names()
+        if not entries:
+            return {}
+        targets = self.store.registry.resolve(entries)
+        found = {}
+        for target, row in zip(targets, self.engine.capabilities_all(targets)):
+            if row.get("status") == "ok" and target.address is not None:
+                self._cache_tags(target.name, row["tags"])
+            found[target.name] = row
+        return found
+
+    def fleet_scripts(self) -> tuple:
+        """(sorted registered names, sorted scripts of the agents that answered); no auth.
+
+        For the live spec: the registry is read without a network call, then every agent
+        is asked for its capabilities; agents that do not answer are left out.
+        """
+        names = sorted(self.store.registry.names())
+        scripts = set()
+        if names:
+            for row in self.engine.capabilities_all(self.store.registry.resolve(names)):
+                if row.get("status") != "ok":
+                    continue
+                for entry in row.get("scripts") or []:
+                    name = entry.get("name") if isinstance(entry, dict) else None
+                    if isinstance(name, str) and name:
+                        scripts.add(name)
+        return names, sorted(scripts)
+
+    # --- private ---
+
+    def _hold(self, plan: RunPlan, targets: list) -> Any:
+        """Take every host+script lock of the plan, all or nothing (store.LockConflict).
+
+        Locks key on the registry name, so "web-01" and "web-01:7450" conflict;
+        unregistered names are never dialled and need no lock.
+        """
+        names = list(dict.fromkeys(t.name for t in targets if t.address is not None))
+        return self.store.locks.hold(names, plan.script)
+
+    def _dispatch(self, plan: RunPlan) -> dict:
+        """The keyword arguments of engine.dispatch_all for a plan."""
+        return dict(script=plan.script, args=list(plan.args), reqid=plan.reqid,
+                    username=plan.username, token=plan.token, timeout=plan.timeout)
+
+    def _async_record(self, plan: RunPlan, results: list) -> dict:
+        return store_mod.async_record(reqid=plan.reqid, script=plan.script, hosts=list(plan.hosts),
+                                      results=results, submitter=plan.submitter)
+
+    def _log_dispatch(self, plan: RunPlan) -> None:
+        wire.log_action("info", "dispatch", script=plan.script, hosts=len(plan.hosts),
+                        reqid=plan.reqid, mode=plan.mode, user=plan.username or "(none)",
+                        peer=plan.source_ip)
+
+    def _cache_tags(self, name: str, tags: dict) -> None:
+        """Keep the registry's cached tags in step with what the agent reported."""
+        try:
+            record = self.store.registry.get(name)
+            if record is not None and record.get("tags") != tags:
+                self.store.registry.update(name, tags=tags)
+        except store_mod.StoreError as exc:
+            wire.log_action("warning", "registry-tags-fail", agent=name, error=str(exc))
+
+
+def _require_object(body: Any) -> dict:
+    """The body must be present and a JSON object."""
+    if body is NO_BODY:
+        raise BadRequest("request body required")
+    if body is INVALID_JSON or not isinstance(body, dict):
+        raise BadRequest("invalid JSON body")
+    return body
+
+
+def _validate_hosts(obj: dict, *, max_hosts: int) -> list:
+    """Non-empty array of non-empty strings; duplicates collapsed (order kept) before counting."""
+    hosts = obj.get("hosts")
+    if (not isinstance(hosts, list) or not hosts
+            or not all(isinstance(h, str) and h for h in hosts)):
+        raise BadRequest(HOSTS_DETAIL)
+    hosts = list(dict.fromkeys(hosts))
+    if len(hosts) > max_hosts:
+        raise BadRequest("too many hosts (max %d)" % max_hosts)
+    return hosts
+
+
+def _validate_credentials(obj: dict) -> tuple:
+    """username / token: strings when present."""
+    values = []
+    for field in ("username", "token"):
+        value = obj.get(field, "")
+        if field in obj and not _is_text(value):
+            raise BadRequest("%s must be a string" % field)
+        values.append(value)
+    return tuple(values)
+
+
+def _is_text(value: Any) -> bool:
+    """A str that encodes as UTF-8 (JSON allows lone surrogates like "\\ud800"; the wire cannot)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _merged_row(row: dict, got: dict) -> dict:
+    """Merge one fetched result into an async record row (reference §5.4)."""
+    status = got.get("status")
+    if status == "done":
+        done = {key: value for key, value in got.items() if key != "reqid"}
+        done["host"] = row["host"]
+        return done
+    if status == "running":
+        return {key: value for key, value in dict(row, status="running").items()
+                if key != "fetch_error"}
+    if status == "unknown":
+        return {"host": row["host"], "status": "expired"}
+    return dict(row, fetch_error=got.get("error") or "result fetch failed")
+
+
+def _log_run_done(reqid: str, script: str, results: list) -> None:
+    """One line per finished run, counted from the rows (exit 0 = ok)."""
+    ok = sum(1 for row in results if isinstance(row, dict) and row.get("exit") == 0)
+    wire.log_action("info", "run-done", reqid=reqid, script=script, hosts=len(results),
+                    ok=ok, failed=len(results) - ok)
