@@ -3,8 +3,9 @@
 Owns the JSON API of SPEC §6 (seed `ctrl-exec-api.md`): the `api` gate on every
 request, per-endpoint validation in the SPEC's order, the auth actions run / ping /
 status, lock holding around sync runs, run records, the NDJSON stream and its
-WebSocket twin (GET /ws/run), the live OpenAPI spec, and the gevent WSGIServer
-(optional TLS, bounded pool, WebSocket-capable handler, graceful stop).
+WebSocket twin (GET /ws/run), the live OpenAPI spec, and starting the server
+(httpserver.py: deadlines, keep-alive, drain, graceful stop) with optional TLS.
+The run transaction itself (auth, locks, dispatch, records) is service.py's.
 
 Never does: talk to agents itself (engine.py), decide auth (auth.py), touch state
 files directly (store.py), use bottle's request.json, answer with HTML (except
@@ -30,11 +31,8 @@ __all__ = [
 import argparse
 import base64
 import binascii
-import http.client
 import os
 import re
-import signal
-import socket
 import struct
 import sys
 import threading
@@ -43,18 +41,15 @@ from typing import Any, Callable, Iterable, Optional
 
 import bottle
 import gevent
-import gevent.event
 import gevent.local
 import gevent.lock
-import gevent.pool
 import gevent.queue
-from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler
 import ujson
 
 import config as config_mod
 import ctrlexec_agent as wire
-import demo
+import httpserver
 import service as service_mod
 import store as store_mod
 from engine import Engine, EngineError
@@ -66,37 +61,14 @@ from engine import Engine, EngineError
 MAX_BODY_BYTES = wire.MAX_BODY_BYTES
 #: Accepted /status path parameter (the run store's 16-hex reqids and older 8-hex ones).
 STATUS_REQID_RE = re.compile(r"[a-f0-9]{8,64}")
-#: Socket timeout for one client read or write (slowloris guard; also bounds TLS handshakes).
-CLIENT_IO_TIMEOUT_S = 30.0
-#: Deadline for the TLS handshake, and again for the request line plus headers (slowloris:
-#: a per-read timeout alone lets a client sending one byte at a time hold a slot forever).
-REQUEST_HEAD_DEADLINE_S = 10.0
-#: Deadline for reading a request body (at most MAX_BODY_BYTES) once the headers are in.
-REQUEST_BODY_DEADLINE_S = 20.0
-#: After the answer, unread body bytes are drained (so the close does not reset the answer)
-#: for at most this long and this much; then the connection is closed regardless.
-DRAIN_DEADLINE_S = 2.0
-DRAIN_MAX_BYTES = 4 * MAX_BODY_BYTES
 #: Extra pool slots above api_max_children so overload gets a 503 instead of waiting in accept().
 POOL_MARGIN = 8
-#: How long a graceful stop waits for in-flight requests before closing them.
-SHUTDOWN_GRACE_S = 30.0
-#: A client that asks for it with "Connection: keep-alive" may send further requests on
-#: the same connection (one request per connection otherwise, as the original). A kept
-#: connection waits this long for its next request line, and serves at most this many.
-KEEPALIVE_IDLE_S = 5.0
-KEEPALIVE_MAX_REQUESTS = 1000
-#: Connections are kept only while at least this share of the connection pool is free, so
-#: idle keep-alive clients never push new callers into a wait in accept().
-KEEPALIVE_FREE_SHARE = 0.25
 #: Oldest gevent we start with (as requirements.txt).
 MIN_GEVENT_VERSION = (24, 2)
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 LOG_IDENT = "ctrl-exec-api"
 JSON_TYPE = "application/json"
 NDJSON_TYPE = "application/x-ndjson"
-#: environ key of the callable that turns the current request into a WebSocket (see _Handler).
-WS_UPGRADE_KEY = "ctrlexec.ws_upgrade"
 #: How long a closing WebSocket waits for the client's close frame: closing with unread
 #: input makes the kernel send a reset, which can destroy messages the client has not read.
 WS_CLOSE_WAIT_S = 2.0
@@ -246,8 +218,8 @@ class _ApiApp(bottle.Bottle):
     def _gate(self, environ: dict, start: Callable) -> Optional[list]:
         """Read the body and pass the `api` gate; a list is an early answer."""
         try:
-            raw = _read_body(environ)
-        except _TooLarge:
+            raw = httpserver.read_body(environ, MAX_BODY_BYTES)
+        except httpserver.TooLarge:
             return _plain_response(start, 413, _error_body(
                 "payload too large", "body exceeds %d bytes" % MAX_BODY_BYTES))
         except (OSError, ValueError) as exc:
@@ -375,7 +347,7 @@ class _Handlers:
         (the usual error body plus "event":"error" and "status": <HTTP code>); then close.
         Raises: ApiError 426 when the request is not a valid WebSocket handshake.
         """
-        upgrade = bottle.request.environ.get(WS_UPGRADE_KEY)
+        upgrade = bottle.request.environ.get(httpserver.WS_UPGRADE_KEY)
         problem = _ws_handshake_problem(bottle.request.environ)
         if upgrade is None or problem:
             raise ApiError(426, _error_body(
@@ -601,7 +573,7 @@ class _WsSession:
             is not UTF-8 ("invalid JSON body").
         """
         state = {"message": None, "done": False, "bad_text": False}
-        with gevent.Timeout(CLIENT_IO_TIMEOUT_S, False):
+        with gevent.Timeout(httpserver.CLIENT_IO_TIMEOUT_S, False):
             try:
                 state["message"] = self.ws.read_message()
             except UnicodeError:
@@ -630,7 +602,7 @@ class _WsSession:
             self.gone = True
             return False
         sent = False
-        with gevent.Timeout(CLIENT_IO_TIMEOUT_S, False):
+        with gevent.Timeout(httpserver.CLIENT_IO_TIMEOUT_S, False):
             try:
                 self.ws.send(_json_bytes(message).decode("utf-8"))
                 sent = True
@@ -643,7 +615,7 @@ class _WsSession:
     def close(self) -> None:
         """Close frame, then read (bounded) until the client closes, so no reset follows."""
         if not self.ws.closed and not self.gone:   # gone: a write failed or timed out
-            with gevent.Timeout(CLIENT_IO_TIMEOUT_S, False):
+            with gevent.Timeout(httpserver.CLIENT_IO_TIMEOUT_S, False):
                 try:
                     # gevent-websocket's close() leaves out the status code; send 1000.
                     self.ws.send_frame(struct.pack("!H", WS_CLOSE_NORMAL), self.ws.OPCODE_CLOSE)
@@ -791,73 +763,9 @@ def _bottle_error(err: bottle.HTTPError) -> bytes:
                                        "body exceeds %d bytes" % MAX_BODY_BYTES))
     if err.status_code == 400:
         return _json_bytes(_error_body("bad request", "the request could not be parsed"))
-    if err.exception is not None:
-        wire.log_action("err", "api-error", path=environ.get("PATH_INFO", ""),
-                        error="%s: %s" % (type(err.exception).__name__, err.exception))
-    response.status = 500
-    return _json_bytes(_error_body("internal error",
-                                   "unexpected server error; see the server log"))
-
-
-class _TooLarge(Exception):
-    """The request body is over MAX_BODY_BYTES."""
-
-
-class _ClientFault(ValueError):
-    """A client's request cannot be read: too slow (TLS handshake, head or body past its
-    deadline) or a head pywsgi cannot parse. A ValueError is pywsgi's "invalid client
-    request": a 400 and one _ErrorLog line, never a traceback."""
-
-
-def _address_ip(address: Any) -> str:
-    """The IP of a (host, port) client address, for log lines."""
-    return str(address[0]) if isinstance(address, tuple) and address else str(address)
-
-
-def _read_body(environ: dict) -> bytes:
-    """Read the request body ourselves, never more than MAX_BODY_BYTES + 1 bytes."""
-    length_text = (environ.get("CONTENT_LENGTH") or "").strip()
-    stream = environ.get("wsgi.input")
-    if stream is None:
-        return b""
-    if length_text:
-        if not length_text.isdigit():
-            raise ValueError("bad Content-Length")
-        length = int(length_text)
-        if length > MAX_BODY_BYTES:
-            raise _TooLarge()
-        limit = length
-    elif "chunked" in (environ.get("HTTP_TRANSFER_ENCODING") or "").lower():
-        limit = MAX_BODY_BYTES + 1
-    else:
-        return b""
-    chunks = []
-    got = 0
-    with gevent.Timeout(REQUEST_BODY_DEADLINE_S, _ClientFault(
-            "request body not received within %gs" % REQUEST_BODY_DEADLINE_S)):
-        while got < limit:
-            chunk = stream.read(min(65536, limit - got))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-    if got > MAX_BODY_BYTES:
-        raise _TooLarge()
-    return b"".join(chunks)
-
-
-def _raw_error_response(status: int) -> bytes:
-    """A whole HTTP response (head + JSON body) for a request that never reached the app."""
-    if status == 414:
-        body = _error_body("request line too long",
-                           "the request line exceeds %d bytes" % pywsgi.MAX_REQUEST_LINE)
-    else:
-        body = _error_body("bad request", "the request could not be parsed")
-    data = _json_bytes(body)
-    head = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-            "Connection: close\r\n\r\n" % (status, bottle.HTTP_CODES.get(status, ""),
-                                            JSON_TYPE, len(data)))
-    return head.encode("latin-1") + data
+    status, body = _answer(err.exception or err, environ.get("PATH_INFO", ""))
+    response.status = status
+    return _json_bytes(body)
 
 
 def _plain_response(start: Callable, status: int, body: dict) -> list:
@@ -890,332 +798,19 @@ class _Closing:
 
 
 ###############################################################################
-# Server ######################################################################
+# Application control #########################################################
 ###############################################################################
 
 
-class _Handler(WebSocketHandler):
-    """One request per connection (like the HTTP/1.0 original): frees pool slots.
-
-    A WebSocket handler that never upgrades on its own: gevent-websocket's would upgrade
-    any request asking for it, before the 503 slot and the `api` gate. Here a request is
-    plain WSGI, and only the /ws/run route upgrades, through environ[WS_UPGRADE_KEY].
-    """
-
-    #: Requests read on this connection so far (keep-alive bookkeeping).
-    served = 0
-
-    def run_application(self) -> Any:
-        self.environ[WS_UPGRADE_KEY] = self._upgrade
-        try:
-            return pywsgi.WSGIHandler.run_application(self)
-        finally:
-            if not self._drain_input():
-                self.close_connection = True
-
-    def _drain_input(self) -> bool:
-        """Read what is left of the request body, bounded in bytes and time.
-
-        Closing with unread input resets the connection and can destroy the answer, so
-        pywsgi drains the body first - at the client's pace and up to any declared length.
-        A client sending one byte a second, or an endless body after a 413, would hold a
-        pool slot that long; here the drain is capped instead. Returns True when the whole
-        body was read, so the next request on a kept connection starts at its first byte.
-        """
-        stream = self.wsgi_input
-        if stream is None:
-            return True
-        left = DRAIN_MAX_BYTES
-        complete = False
-        # As pywsgi's own discard: never invite a body (100 Continue) only to drop it.
-        stream.send_100_continue_enabled = False
-        try:
-            with gevent.Timeout(DRAIN_DEADLINE_S, False):
-                while left > 0:
-                    chunk = stream.read(min(65536, left))
-                    if not chunk:
-                        complete = True
-                        break
-                    left -= len(chunk)
-        except (OSError, ValueError):
-            pass                # a broken or malformed body: closing is all that is left
-        # pywsgi's own "skip the discard" flag: the body is read, or the connection closes.
-        stream._chunked_input_error = True
-        return complete
-
-    def _upgrade(self) -> Any:
-        """Send 101 (the route checked the handshake) and return the WebSocket."""
-        self.upgrade_connection()
-        self.write(b"")
-        # A run may stay silent for hours: _WsSession puts a deadline on each read and write.
-        self.socket.settimeout(None)
-        return self.websocket
-
-    def log_request(self) -> None:
-        # gevent-websocket's override logs through the logging module; ACTION=api-request
-        # (written by _ApiApp) is the one request log line.
-        return None
-
-    def handle_one_request(self) -> Any:
-        result = super().handle_one_request()
-        if isinstance(result, tuple):
-            # pywsgi's own answer to an unparseable request (400, 414) is an empty text
-            # body; SPEC §6 wants JSON for every response.
-            result = (result[0], _raw_error_response(int(result[0])))
-        return result
-
-    def read_requestline(self) -> str:
-        if self.served:
-            return self._next_requestline()
-        self._head_deadline = time.monotonic() + REQUEST_HEAD_DEADLINE_S
-        try:
-            with gevent.Timeout(REQUEST_HEAD_DEADLINE_S, _ClientFault("request line")):
-                return super().read_requestline()
-        except _ClientFault:
-            wire.log_action("warning", "api-slow-client", peer=_address_ip(self.client_address),
-                            stage="request-line", limit=REQUEST_HEAD_DEADLINE_S)
-            return ""           # an empty request line: pywsgi closes the connection
-
-    def read_request(self, raw_requestline: str) -> Any:
-        left = max(0.01, getattr(self, "_head_deadline", 0.0) - time.monotonic())
-        # A ValueError is pywsgi's "invalid client request": 400, logged via _ErrorLog.
-        with gevent.Timeout(left, _ClientFault(
-                "request headers not received within %gs" % REQUEST_HEAD_DEADLINE_S)):
-            try:
-                result = super().read_request(raw_requestline)
-            except http.client.HTTPException as exc:    # e.g. "got more than 100 headers"
-                raise _ClientFault(str(exc)) from None
-        self.served += 1
-        self.close_connection = not self._keep_alive_allowed()
-        return result
-
-    def start_response(self, status: str, headers: list, exc_info: Any = None) -> Any:
-        # Only a sized, non-5xx answer to a request whose body is already read leaves a
-        # kept connection in a known state.
-        sized = any(name.lower() == "content-length" for name, _ in headers)
-        if not sized or status.startswith("5") or not self._body_consumed():
-            self.close_connection = True
-        # Tell HTTP/1.1 clients too, so they never try to reuse a closed connection.
-        if not any(name.lower() == "connection" for name, _ in headers):
-            headers = list(headers) + [("Connection", "close" if self.close_connection
-                                        else "keep-alive")]
-        return super().start_response(status, headers, exc_info)
-
-    def _body_consumed(self) -> bool:
-        """The request body was read to its declared end (chunked bodies never count)."""
-        stream = self.wsgi_input
-        if stream is None:
-            return True
-        if stream.chunked_input:
-            return False
-        return (stream.content_length or 0) <= stream.position
-
-    def _keep_alive_allowed(self) -> bool:
-        """Keep the connection after this request? Only on the client's explicit ask.
-
-        "Connection: keep-alive" (HTTP/1.0 or 1.1), no WebSocket upgrade, a body framed by
-        one Content-Length (or none), the server not stopping, fewer than
-        KEEPALIVE_MAX_REQUESTS served, and enough of the connection pool free that idle
-        connections never make a new caller wait.
-        """
-        tokens = {token.strip().lower() for value in (self.headers.get_all("Connection") or [])
-                  for token in value.split(",")}
-        if "keep-alive" not in tokens or tokens & {"close", "upgrade"}:
-            return False
-        if self.headers.get("Upgrade") or self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
-            return False
-        # Only plain Content-Length framing: where the next request starts must be certain.
-        if self.headers.get("Transfer-Encoding") or len(self.headers.get_all("Content-Length")
-                                                        or []) > 1:
-            return False
-        if self.server.stopping or self.served >= KEEPALIVE_MAX_REQUESTS:
-            return False
-        pool = self.server.pool
-        return pool is None or pool.free_count() >= pool.size * KEEPALIVE_FREE_SHARE
-
-    def _next_requestline(self) -> str:
-        """The next request line on a kept connection, or "" (close) after KEEPALIVE_IDLE_S.
-
-        The wait is registered with the server, so a graceful stop ends idle connections
-        at once instead of waiting for them.
-        """
-        idle = self.server.idle_keepalive
-        current = gevent.getcurrent()
-        idle.add(current)
-        try:
-            with gevent.Timeout(KEEPALIVE_IDLE_S, False):
-                if self.server.stopping:
-                    return ""
-                line = pywsgi.WSGIHandler.read_requestline(self)
-                self._head_deadline = time.monotonic() + REQUEST_HEAD_DEADLINE_S
-                return line
-            return ""
-        finally:
-            idle.discard(current)
-
-
-class _ErrorLog:
-    """gevent's error_log: its lines go through log_action, never raw to stderr."""
-
-    def write(self, text: str) -> None:
-        for line in str(text).splitlines():
-            if line.strip():
-                wire.log_action("err", "api-server-error", message=line[:300])
-
-    def flush(self) -> None:
-        """Nothing buffered."""
-
-
-class _Server(pywsgi.WSGIServer):
-    """WSGIServer whose client sockets get a timeout before the TLS handshake.
-
-    Answers go out without Nagle's delay (TCP_NODELAY): a small answer on a kept
-    connection would otherwise wait for the client's delayed ACK.
-    """
-
-    handler_class = _Handler
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: Set by a graceful stop: no new keep-alive, idle connections end.
-        self.stopping = False
-        #: Greenlets of kept connections waiting for their next request line.
-        self.idle_keepalive: set = set()
-
-    def end_idle_keepalive(self) -> None:
-        """Graceful stop: no more keep-alive; close connections waiting between requests."""
-        self.stopping = True
-        for greenlet in list(self.idle_keepalive):
-            greenlet.kill(block=False)
-
-    def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
-        client_socket.settimeout(CLIENT_IO_TIMEOUT_S)
-        try:
-            with gevent.Timeout(REQUEST_HEAD_DEADLINE_S, _ClientFault("TLS handshake")):
-                tls = self.wrap_socket(client_socket, **self.ssl_args)
-        except (OSError, ValueError) as exc:    # ssl.SSLError is an OSError
-            # One line instead of a hub traceback: old protocols, plain HTTP, scanners.
-            wire.log_action("warning", "api-tls-failure", peer=_address_ip(address),
-                            reason=getattr(exc, "reason", None) or type(exc).__name__)
-            client_socket.close()
-            return None
-        with tls:
-            return self.handle(tls, address)
-
-    def handle(self, sock: Any, address: Any) -> Any:
-        sock.settimeout(CLIENT_IO_TIMEOUT_S)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass                # not TCP (a test's socketpair): nothing to tune
-        return super().handle(sock, address)
-
-
-def serve(cfg: Any, app: Any, *, ssl_context: Any = None) -> int:
-    """Bind, serve until SIGTERM/SIGINT, stop gracefully; return the exit code.
-
-    Raises: StartError when the address cannot be bound.
-    """
-    size = max(1, int(cfg.api_max_children)) + POOL_MARGIN
-    pool = gevent.pool.Pool(size)
-    kwargs = {"spawn": pool, "log": None, "error_log": _ErrorLog()}
-    if ssl_context is not None:
-        kwargs["ssl_context"] = ssl_context
-    server = _Server((cfg.api_bind, cfg.api_port), app, **kwargs)
-    try:
-        server.init_socket()
-    except OSError as exc:
-        if getattr(exc, "errno", None) in (98, 48):     # EADDRINUSE (Linux, BSD)
-            raise StartError("api_port %d on %s is already in use (another ctrl-exec-api? "
-                             "choose a free api_port)" % (cfg.api_port, cfg.api_bind))
-        raise StartError("cannot listen on api_bind %s api_port %d: %s"
-                         % (cfg.api_bind, cfg.api_port, exc.strerror or exc))
-    server.start()
-    port = server.server_port
-    wire.log_action("info", "api-start", bind=cfg.api_bind, port=port,
-                    tls="yes" if ssl_context is not None else "no")
-    done = gevent.event.Event()
-    state = {"stopping": False}
-
-    def stop() -> None:
-        if state["stopping"]:                       # second signal: abort now
-            server.stop(timeout=0)
-            done.set()
-            return
-        state["stopping"] = True
-        server.close()                              # stop accepting; in-flight go on
-        server.end_idle_keepalive()
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        while pool.free_count() < pool.size and time.monotonic() < deadline:
-            gevent.sleep(0.05)
-        server.stop(timeout=1)
-        done.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, gevent.spawn, stop)
-    purger = gevent.spawn(_purge_forever, app, float(cfg.purge_interval))
-    done.wait()
-    purger.kill(block=False)
-    wire.log_action("info", "api-stop", port=port)
-    return 0
-
-
-def main(argv: Optional[list] = None) -> int:
-    """Entry point: python ctrlexec_api.py [--config PATH] [--demo]; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="ctrlexec_api.py",
-                                     description="ctrl-exec HTTP JSON API server")
-    parser.add_argument("--config", metavar="PATH", default=None,
-                        help="ctrl-exec.conf (default: $CTRL_EXEC_CONF, then "
-                             "/etc/ctrl-exec/ctrl-exec.conf)")
-    parser.add_argument("--demo", action="store_true",
-                        help="build a throwaway control host with two local agents in "
-                             "./demo-state and serve the API for it (no auth; laptop only)")
-    args = parser.parse_args(argv)
-    wire.setup_logging(LOG_IDENT)
-    if args.demo:
-        return _run_demo()
-    try:
-        _check_runtime()
-        cfg = config_mod.load(args.config)
-        ssl_context = _api_tls_context(cfg)
-        _check_readable(cfg)
-        try:
-            app = make_app(cfg)
-        except store_mod.StoreError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one line instead of a traceback
-            raise StartError("cannot load the dispatcher identity (cert %s, key %s, ca %s): %s"
-                             % (cfg.cert, cfg.key, cfg.ca, exc))
-        return serve(cfg, app, ssl_context=ssl_context)
-    except config_mod.ConfigError as exc:
-        return _refuse(str(exc))
-    except StartError as exc:
-        return _refuse(str(exc))
-    except store_mod.StoreError as exc:
-        return _refuse("state_dir %s: %s" % (getattr(cfg, "state_dir", "?"), exc))
-
-
-# --- private ---
-
-
 def _run_demo() -> int:
-    """--demo: prepare and start demo.py's fleet, serve the API on it, stop the agents."""
+    """--demo: become `python demo.py` (its own entry: fleet, this API as a child, cleanup)."""
+    demo_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+    sys.stdout.flush()
+    sys.stderr.flush()
     try:
-        _check_runtime()
-        fleet = demo.prepare_demo()
-    except (demo.DemoError, StartError) as exc:
-        return _refuse(str(exc))
-    try:
-        fleet.start()
-        cfg = config_mod.load(fleet.conf_path)
-        app = make_app(cfg)
-        sys.stdout.write(fleet.intro() + "\n")
-        sys.stdout.flush()
-        return serve(cfg, app)
-    except (demo.DemoError, config_mod.ConfigError, StartError, store_mod.StoreError) as exc:
-        return _refuse(str(exc))
-    finally:
-        fleet.stop()
+        os.execv(sys.executable, [sys.executable, demo_py])
+    except OSError as exc:
+        return _refuse("cannot start %s: %s" % (demo_py, exc.strerror or exc))
 
 
 def _refuse(message: str) -> int:
@@ -1273,6 +868,67 @@ def _purge_forever(app: Any, interval_s: float) -> None:
     while True:
         gevent.sleep(max(1.0, interval_s))
         app.handlers.purge_runs()
+
+
+def serve(cfg: Any, app: Any, *, ssl_context: Any = None) -> int:
+    """Bind, serve until SIGTERM/SIGINT, stop gracefully; return the exit code.
+
+    Raises: StartError when the address cannot be bound.
+    """
+    try:
+        server = httpserver.open_server(app, cfg.api_bind, cfg.api_port,
+                                        pool_size=max(1, int(cfg.api_max_children)) + POOL_MARGIN,
+                                        ssl_context=ssl_context, log_action=wire.log_action,
+                                        log_prefix="api-")
+    except httpserver.BindError as exc:
+        if exc.in_use:
+            raise StartError("api_port %d on %s is already in use (another ctrl-exec-api? "
+                             "choose a free api_port)" % (cfg.api_port, cfg.api_bind))
+        raise StartError("%s (check api_bind and api_port)" % exc)
+    wire.log_action("info", "api-start", bind=cfg.api_bind, port=server.server_port,
+                    tls="yes" if ssl_context is not None else "no")
+    purger = gevent.spawn(_purge_forever, app, float(cfg.purge_interval))
+    try:
+        httpserver.serve_until_signalled(server)
+    finally:
+        purger.kill(block=False)
+    wire.log_action("info", "api-stop", port=server.server_port)
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point: python ctrlexec_api.py [--config PATH] [--demo]; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="ctrlexec_api.py",
+                                     description="ctrl-exec HTTP JSON API server")
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="ctrl-exec.conf (default: $CTRL_EXEC_CONF, then "
+                             "/etc/ctrl-exec/ctrl-exec.conf)")
+    parser.add_argument("--demo", action="store_true",
+                        help="build a throwaway control host with two local agents in "
+                             "./demo-state and serve the API for it (no auth; laptop only)")
+    args = parser.parse_args(argv)
+    wire.setup_logging(LOG_IDENT)
+    if args.demo:
+        return _run_demo()
+    try:
+        _check_runtime()
+        cfg = config_mod.load(args.config)
+        ssl_context = _api_tls_context(cfg)
+        _check_readable(cfg)
+        try:
+            app = make_app(cfg)
+        except store_mod.StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line instead of a traceback
+            raise StartError("cannot load the dispatcher identity (cert %s, key %s, ca %s): %s"
+                             % (cfg.cert, cfg.key, cfg.ca, exc))
+        return serve(cfg, app, ssl_context=ssl_context)
+    except config_mod.ConfigError as exc:
+        return _refuse(str(exc))
+    except StartError as exc:
+        return _refuse(str(exc))
+    except store_mod.StoreError as exc:
+        return _refuse("state_dir %s: %s" % (getattr(cfg, "state_dir", "?"), exc))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Owns: building a self-contained control host in one folder (ctrl-exec.conf, CA,
 dispatcher certificate, registry), enrolling two agents on loopback addresses
 (127.0.0.2 and 127.0.0.3 by default) with tags and four example scripts, starting
 and stopping those agent processes, and the curl commands to try against the
-API. Used by ``python ctrlexec_api.py --demo``; the API itself is started by the
-caller with the config at ``DemoFleet.conf_path``.
+API. ``python demo.py`` (also reached as ``python ctrlexec_api.py --demo``)
+prepares the fleet, starts its agents, runs ``ctrlexec_api.py --config
+DemoFleet.conf_path`` as a child process until SIGINT/SIGTERM, then stops them all.
 
 Never does: bind a non-loopback address, wipe a folder that it did not create
 (the ``.ctrl-exec-demo`` marker must be there), start the API, or gevent
@@ -23,6 +24,7 @@ __all__ = [
     "DemoFleet",
     "MARKER_NAME",
     "prepare_demo",
+    "main",
 ]
 
 import atexit
@@ -56,6 +58,9 @@ DEFAULT_AGENTS = (
 AGENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ctrlexec_agent.py")
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+API_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ctrlexec_api.py")
+#: How long the API child gets to stop gracefully after the signal is passed on to it.
+API_STOP_TIMEOUT_S = 40.0
 KILL_WAIT_S = 5.0
 POLL_INTERVAL_S = 0.05
 #: The agent's log line that says it is listening (wire.log_action("info", "start", ...)).
@@ -219,6 +224,33 @@ def prepare_demo(state_root: str = DEFAULT_STATE_ROOT, *, api_port: int = wire.A
         return _build(root, api_port, plan)
     except (pki.PKIError, config.ConfigError, store.StoreError, OSError) as exc:
         raise DemoError("cannot prepare the demo in %s: %s" % (root, _one_line(exc))) from None
+
+
+def main(argv: Optional[Sequence] = None) -> int:
+    """Entry point: ``python demo.py``; returns the exit code (the API's, or 2).
+
+    Prepares ./demo-state, starts the agents, prints the intro, then runs the API as a
+    child process. SIGINT and SIGTERM are passed on to the API once (the API child has
+    its own process group, so a terminal's Ctrl-C reaches it only through here), and the
+    agents are stopped however the API ends.
+    """
+    if argv:
+        sys.stderr.write("demo.py takes no arguments (got %s); it always uses %s\n"
+                         % (" ".join(argv), DEFAULT_STATE_ROOT))
+        return 2
+    try:
+        fleet = prepare_demo()
+    except DemoError as exc:
+        return _refuse(str(exc))
+    try:
+        fleet.start()
+        sys.stdout.write(fleet.intro() + "\n")
+        sys.stdout.flush()
+        return _serve_api(fleet)
+    except DemoError as exc:
+        return _refuse(str(exc))
+    finally:
+        fleet.stop()
 
 
 # --- private ---------------------------------------------------------------------
@@ -501,3 +533,50 @@ def _last_line(path: str, offset: int) -> str:
 def _one_line(exc: BaseException) -> str:
     """An exception's text on one line."""
     return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+def _serve_api(fleet: DemoFleet) -> int:
+    """Run ``ctrlexec_api.py --config`` for the fleet until it exits; pass signals on."""
+    try:
+        api = subprocess.Popen([sys.executable, API_SCRIPT, "--config", fleet.conf_path],
+                               process_group=0)
+    except OSError as exc:
+        raise DemoError("cannot start %s: %s" % (API_SCRIPT, _one_line(exc))) from None
+    passed_on = []
+
+    def pass_on(signum: int, _frame) -> None:
+        if not passed_on:
+            passed_on.append(signum)
+            api.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, pass_on)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    deadline = None
+    try:
+        while True:
+            try:
+                return api.wait(POLL_INTERVAL_S * 20)
+            except subprocess.TimeoutExpired:
+                if passed_on and deadline is None:
+                    deadline = time.monotonic() + API_STOP_TIMEOUT_S
+                if deadline is not None and time.monotonic() > deadline:
+                    api.kill()
+                    api.wait()
+                    return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if api.poll() is None:
+            api.kill()
+            api.wait()
+
+
+def _refuse(message: str) -> int:
+    """Print one line and return 2 (the demo cannot start)."""
+    sys.stderr.write("ctrl-exec demo: %s\n" % message)
+    sys.stderr.flush()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

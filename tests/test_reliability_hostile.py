@@ -25,7 +25,7 @@ import time
 import pytest
 
 import ctrlexec_agent as wire
-import ctrlexec_api
+import httpserver
 import pairing
 import service
 import store
@@ -529,10 +529,10 @@ def test_pairing_slowloris_is_closed_at_its_deadline(target):
 
 
 @pytest.mark.parametrize("name, deadline_s", [
-    ("api-head-drip", ctrlexec_api.REQUEST_HEAD_DEADLINE_S),
-    ("api-idle", ctrlexec_api.REQUEST_HEAD_DEADLINE_S),
-    ("api-tls-on-plain", ctrlexec_api.REQUEST_HEAD_DEADLINE_S),
-    ("api-body-drip", ctrlexec_api.REQUEST_HEAD_DEADLINE_S + ctrlexec_api.REQUEST_BODY_DEADLINE_S),
+    ("api-head-drip", httpserver.REQUEST_HEAD_DEADLINE_S),
+    ("api-idle", httpserver.REQUEST_HEAD_DEADLINE_S),
+    ("api-tls-on-plain", httpserver.REQUEST_HEAD_DEADLINE_S),
+    ("api-body-drip", httpserver.REQUEST_HEAD_DEADLINE_S + httpserver.REQUEST_BODY_DEADLINE_S),
 ])
 def test_api_slow_clients_are_cut_at_the_deadline(target, name, deadline_s):
     call = target.slow[name]
