@@ -747,16 +747,22 @@ def _json(status: int, body: Any) -> bottle.HTTPResponse:
 
 
 def _bottle_error(err: bottle.HTTPError) -> bytes:
-    """JSON for bottle's own errors; 404 and 405 both answer 404 'no route for …'."""
+    """JSON for bottle's own errors: 404 for an unknown path, 405 (with Allow) for a known
+    path asked with a method it does not serve; both say 'no route for <METHOD> <path>'."""
     environ = bottle.request.environ
     response = bottle.response
     response.content_type = JSON_TYPE
-    if err.status_code in (404, 405):
+    detail = "no route for %s %s" % (environ.get("REQUEST_METHOD", ""),
+                                     environ.get("PATH_INFO", ""))
+    if err.status_code == 405:
+        allowed = ", ".join(method.strip() for method in response.get_header("Allow", "").split(",")
+                            if method.strip())
+        response.status = 405
+        response["Allow"] = allowed
+        return _json_bytes(_error_body("method not allowed", "%s (%s accepts %s)"
+                                       % (detail, environ.get("PATH_INFO", ""), allowed)))
+    if err.status_code == 404:
         response.status = 404
-        if "Allow" in response:
-            del response["Allow"]
-        detail = "no route for %s %s" % (environ.get("REQUEST_METHOD", ""),
-                                         environ.get("PATH_INFO", ""))
         return _json_bytes(_error_body("not found", detail))
     if err.status_code == 413:
         return _json_bytes(_error_body("payload too large",

@@ -34,8 +34,10 @@ API_WAIT_S = 30.0
 with open(SPEC_PATH) as _fh:
     SPEC = json.load(_fh)
 
-#: Responses every path may give (api gate, body limit, overload, server error).
-GENERIC = {403: "AuthError", 404: "Error", 413: "Error", 500: "Error", 503: "Error"}
+#: Responses every path may give (api gate, unknown path or method, body limit, overload,
+#: server error).
+GENERIC = {403: "AuthError", 404: "Error", 405: "Error", 413: "Error", 500: "Error",
+           503: "Error"}
 
 
 class Response:

@@ -212,14 +212,29 @@ def test_health_and_index(unit_app):
         assert entry in listed
 
 
-def test_unknown_route_and_wrong_method_are_json_404(unit_app):
-    for method, path in [("GET", "/nope"), ("POST", "/health"), ("GET", "/run"),
-                         ("DELETE", "/discovery"), ("PUT", "/ping"), ("GET", "/health/")]:
+def test_unknown_route_is_a_json_404(unit_app):
+    for method, path in [("GET", "/nope"), ("POST", "/nope"), ("GET", "/health/"),
+                         ("GET", "/status/NOT-HEX")]:
         resp = call(unit_app, method, path)
         assert resp.status == 404, (method, path)
         assert resp.headers["content-type"] == "application/json"
         assert resp.json == {"ok": False, "error": "not found",
                              "detail": "no route for %s %s" % (method, path)}
+
+
+def test_known_path_with_an_undeclared_method_is_a_json_405_with_allow(unit_app):
+    for method, path, allowed in [("POST", "/health", "GET"), ("GET", "/run", "POST"),
+                                  ("DELETE", "/discovery", "GET, POST"), ("PUT", "/ping", "POST"),
+                                  ("PATCH", "/status/0123456789abcdef", "GET")]:
+        resp = call(unit_app, method, path)
+        assert resp.status == 405, (method, path)
+        assert resp.headers["content-type"] == "application/json"
+        assert sorted(m.strip() for m in resp.headers["allow"].split(",")) == \
+            sorted(m.strip() for m in allowed.split(","))
+        assert resp.json == {"ok": False, "error": "method not allowed",
+                             "detail": "no route for %s %s (%s accepts %s)"
+                                       % (method, path, path, resp.headers["allow"])}
+        check_response(method, path, resp)
 
 
 def test_query_string_is_ignored_for_routing(unit_app):
@@ -795,10 +810,9 @@ def test_https_api_process_end_to_end_and_old_tls_refused(fleet, api_procs, tmp_
     (api_dir / "api.crt").write_bytes(cert_pem)
     (api_dir / "api.key").write_bytes(key_pem)
     os.chmod(str(api_dir / "api.key"), 0o600)
-    port = free_port()
-    fleet.set_conf(api_port=port, api_cert=str(api_dir / "api.crt"),
-                   api_key=str(api_dir / "api.key"))
-    proc = ApiServer(fleet.conf_path, str(tmp_path / "api.log"), port)
+    proc = ApiServer.for_fleet(fleet, str(tmp_path / "api.log"), api_cert=str(api_dir / "api.crt"),
+                               api_key=str(api_dir / "api.key"))
+    port = proc.port
     api_procs.append(proc)
     proc.start()
     ctx = ssl.create_default_context(cafile=cfg.ca)
@@ -847,9 +861,8 @@ def test_https_api_process_end_to_end_and_old_tls_refused(fleet, api_procs, tmp_
 
 def test_plain_api_process_graceful_stop_finishes_in_flight(fleet, api_procs, tmp_path):
     fleet.add_agent("web-01", scripts={"slow": "#!/bin/sh\nsleep 1\necho finished\n"})
-    port = free_port()
-    fleet.set_conf(api_port=port)
-    proc = ApiServer(fleet.conf_path, str(tmp_path / "api.log"), port)
+    proc = ApiServer.for_fleet(fleet, str(tmp_path / "api.log"))
+    port = proc.port
     api_procs.append(proc)
     proc.start()
     result = {}
@@ -879,9 +892,8 @@ def closed_by_server(sock: socket.socket) -> bool:
 
 
 def test_keep_alive_only_on_request_and_every_answer_framed(fleet, api_procs, tmp_path):
-    port = free_port()
-    fleet.set_conf(api_port=port)
-    proc = ApiServer(fleet.conf_path, str(tmp_path / "api.log"), port)
+    proc = ApiServer.for_fleet(fleet, str(tmp_path / "api.log"))
+    port = proc.port
     api_procs.append(proc)
     proc.start()
 
@@ -931,9 +943,8 @@ def test_keep_alive_only_on_request_and_every_answer_framed(fleet, api_procs, tm
 
 def test_idle_keep_alive_connection_is_closed_and_does_not_hold_a_stop(fleet, api_procs,
                                                                        tmp_path):
-    port = free_port()
-    fleet.set_conf(api_port=port)
-    proc = ApiServer(fleet.conf_path, str(tmp_path / "api.log"), port)
+    proc = ApiServer.for_fleet(fleet, str(tmp_path / "api.log"))
+    port = proc.port
     api_procs.append(proc)
     proc.start()
     request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"

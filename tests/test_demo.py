@@ -17,18 +17,9 @@ import config
 import ctrlexec_agent as wire
 import demo
 import store
-from fleet import free_address
+from fleet import free_address, free_port
 
 EXCHANGE_TIMEOUT_S = 30.0
-
-
-def _free_api_port() -> int:
-    sock = socket.socket()
-    try:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def _exchange(ctx, agent: demo.DemoAgent, method: str, path: str, body: dict | None = None):
@@ -57,7 +48,7 @@ def _gone(pid: int) -> bool:
 @pytest.fixture
 def demo_fleet(tmp_path):
     """A prepared (not started) demo fleet on free loopback addresses; always stopped after."""
-    fleet = demo.prepare_demo(str(tmp_path / "demo-state"), api_port=_free_api_port(),
+    fleet = demo.prepare_demo(str(tmp_path / "demo-state"), api_port=free_port(),
                               agent_addresses=[free_address(), free_address()])
     try:
         yield fleet
@@ -175,11 +166,11 @@ def test_curl_lines_cover_every_demo_endpoint(demo_fleet):
 def test_prepare_again_wipes_and_recreates_a_demo_folder(tmp_path):
     root = str(tmp_path / "demo-state")
     addresses = [free_address(), free_address()]
-    first = demo.prepare_demo(root, api_port=_free_api_port(), agent_addresses=addresses)
+    first = demo.prepare_demo(root, api_port=free_port(), agent_addresses=addresses)
     old_ca = open(os.path.join(root, "pki", "ca.crt")).read()
     stray = os.path.join(root, "agents", "demo-1", "leftover.txt")
     open(stray, "w").write("x")
-    second = demo.prepare_demo(root, api_port=_free_api_port(), agent_addresses=addresses)
+    second = demo.prepare_demo(root, api_port=free_port(), agent_addresses=addresses)
     assert not os.path.exists(stray)
     assert open(os.path.join(root, "pki", "ca.crt")).read() != old_ca
     assert second.conf_path == first.conf_path
@@ -190,7 +181,7 @@ def test_refuses_to_wipe_a_folder_that_is_not_a_demo(tmp_path):
     root.mkdir()
     (root / "notes.txt").write_text("keep me")
     with pytest.raises(demo.DemoError) as info:
-        demo.prepare_demo(str(root), api_port=_free_api_port(),
+        demo.prepare_demo(str(root), api_port=free_port(),
                           agent_addresses=[free_address(), free_address()])
     assert "refusing to wipe" in str(info.value)
     assert demo.MARKER_NAME in str(info.value)
@@ -201,7 +192,7 @@ def test_refuses_to_wipe_a_folder_that_is_not_a_demo(tmp_path):
 def test_empty_existing_folder_is_used(tmp_path):
     root = tmp_path / "empty"
     root.mkdir()
-    fleet = demo.prepare_demo(str(root), api_port=_free_api_port(),
+    fleet = demo.prepare_demo(str(root), api_port=free_port(),
                               agent_addresses=[free_address(), free_address()])
     assert os.path.isfile(fleet.conf_path)
 
@@ -213,7 +204,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         listener.bind((address, port))
         listener.listen(1)
         with pytest.raises(demo.DemoError) as info:
-            demo.prepare_demo(str(tmp_path / "d"), api_port=_free_api_port(),
+            demo.prepare_demo(str(tmp_path / "d"), api_port=free_port(),
                               agent_addresses=[(address, port), free_address()])
     finally:
         listener.close()
@@ -239,7 +230,7 @@ def test_api_port_in_use_is_a_clear_error(tmp_path):
 def test_missing_openssl_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(demo.DemoError) as info:
-        demo.prepare_demo(str(tmp_path / "d"), api_port=_free_api_port(),
+        demo.prepare_demo(str(tmp_path / "d"), api_port=free_port(),
                           agent_addresses=[free_address(), free_address()])
     assert "openssl" in str(info.value)
     assert not (tmp_path / "d").exists()
@@ -249,7 +240,7 @@ def test_unwritable_state_folder_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(demo.DemoError) as info:
-        demo.prepare_demo(str(blocker / "demo"), api_port=_free_api_port(),
+        demo.prepare_demo(str(blocker / "demo"), api_port=free_port(),
                           agent_addresses=[free_address(), free_address()])
     assert "is not writable" in str(info.value)
 
@@ -263,7 +254,7 @@ def test_unwritable_state_folder_is_a_clear_error(tmp_path):
 ])
 def test_bad_agent_addresses_are_refused(tmp_path, addresses, fragment):
     with pytest.raises(demo.DemoError) as info:
-        demo.prepare_demo(str(tmp_path / "d"), api_port=_free_api_port(),
+        demo.prepare_demo(str(tmp_path / "d"), api_port=free_port(),
                           agent_addresses=addresses)
     assert fragment in str(info.value)
     assert not (tmp_path / "d").exists()

@@ -30,6 +30,7 @@ import ctrlexec_agent as wire
 import pairing
 import pki
 import store
+from fleet import free_port, wait_for
 
 IO_TIMEOUT_S = 20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,15 +129,6 @@ def queue_dir(cfg) -> str:
     return os.path.join(cfg.state_dir, "pairing")
 
 
-def wait_for(predicate, timeout_s=IO_TIMEOUT_S):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 # --- the happy paths ---------------------------------------------------------------------
 
 def test_approve_delivers_cert_ca_serial_and_echoed_nonce(env, start_server, clients):
@@ -169,7 +161,7 @@ def test_approve_delivers_cert_ca_serial_and_echoed_nonce(env, start_server, cli
     assert entry == registry.get("agent01.example.net")
     assert entry["ip"] == "192.0.2.10" and entry["port"] == 7450 and entry["lookup_by"] == "ip"
     assert entry["serial_status"] == "current" and entry["expiry"] == pki.cert_expiry(second["cert"])
-    assert wait_for(lambda: os.listdir(queue_dir(cfg)) == [])
+    wait_for(lambda: os.listdir(queue_dir(cfg)) == [], "the pairing queue to empty", IO_TIMEOUT_S)
 
 
 def test_pairing_code_is_sha256_prefix_mod_a_million():
@@ -222,7 +214,7 @@ def test_deny_is_reported_to_the_agent(env, start_server, clients):
     pairing.deny(cfg, reqid)
     assert client.response() == {"status": "denied", "reason": "rejected by operator"}
     assert registry.names() == []
-    assert wait_for(lambda: os.listdir(queue_dir(cfg)) == [])
+    wait_for(lambda: os.listdir(queue_dir(cfg)) == [], "the pairing queue to empty", IO_TIMEOUT_S)
     with pytest.raises(pairing.PairingError, match="no pending pairing request"):
         pairing.approve(cfg, registry, reqid)
 
@@ -500,7 +492,7 @@ def _start_mode(env, **kwargs):
     thread = threading.Thread(target=lambda: result.update(rc=pairing.run_pairing_mode(
         cfg, registry, port=0, bind="127.0.0.1", out=out, **kwargs)), daemon=True)
     thread.start()
-    assert wait_for(lambda: "pairing mode on port" in out.text())
+    wait_for(lambda: "pairing mode on port" in out.text(), "pairing mode to start", IO_TIMEOUT_S)
     port = int(re.search(r"pairing mode on port (\d+) for (\d+) s", out.text()).group(1))
     return thread, out, port, result
 
@@ -513,7 +505,7 @@ def test_run_pairing_mode_announces_requests_and_times_out(env, clients):
     client.send(body)
     reqid = client.response()["reqid"]
     code = wire.pairing_code(body["csr"].encode())
-    assert wait_for(lambda: reqid in out.text())
+    wait_for(lambda: reqid in out.text(), "the request to be listed", IO_TIMEOUT_S)
     line = [l for l in out.text().splitlines() if reqid in l][0]
     assert "agent01.example.net" in line and "192.0.2.10" in line and code in line
     pairing.approve(cfg, registry, reqid)
@@ -533,10 +525,10 @@ def test_run_pairing_mode_interactive_commands(env, clients):
         client = clients(port)
         client.send(pair_body(hostname="web-07"))
         reqid = client.response()["reqid"]
-        assert wait_for(lambda: reqid in out.text())
+        wait_for(lambda: reqid in out.text(), "the request to be listed", IO_TIMEOUT_S)
         writer.write("list\n")
         writer.flush()
-        assert wait_for(lambda: " 1. %s" % reqid in out.text())
+        wait_for(lambda: " 1. %s" % reqid in out.text(), "the numbered request", IO_TIMEOUT_S)
         writer.write("a1\n")
         writer.flush()
         assert client.response()["status"] == "approved"
@@ -582,18 +574,12 @@ def test_run_pairing_mode_stops_cleanly_on_sigterm(env, tmp_path):
 
 # --- end to end with the real agent command ------------------------------------------------
 
-def _free_port(host="127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def agent_dir(tmp_path):
     """An empty agent folder with an agent.conf pointing at files inside it."""
     folder = tmp_path / "agent"
     folder.mkdir()
-    port = _free_port()
+    port = free_port()
     (folder / "agent.conf").write_text(
         "port = %d\nbind = 127.0.0.1\ncert = agent.crt\nkey = agent.key\nca = ca.crt\n"
         "trusted_dispatchers_path = ctrl-exec-dispatchers\nstate_dir = state\n" % port)
@@ -627,7 +613,7 @@ def test_agent_request_pairing_end_to_end_then_mtls_ping(env, start_server, agen
     try:
         code_line = proc.stdout.readline()
         code = re.search(r"Pairing code: (\d{6})", code_line).group(1)
-        assert wait_for(lambda: len(pairing.list_requests(cfg)) == 1)
+        wait_for(lambda: len(pairing.list_requests(cfg)) == 1, "one queued request", IO_TIMEOUT_S)
         [row] = pairing.list_requests(cfg)
         assert (row["hostname"], row["code"], row["port"]) == ("web-09", code, agent_port)
         pairing.approve(cfg, registry, row["id"])
@@ -660,7 +646,7 @@ def test_agent_request_pairing_end_to_end_then_mtls_ping(env, start_server, agen
                         return status, json.loads(body)
             except OSError:
                 return None
-        assert wait_for(lambda: ping() is not None)
+        wait_for(lambda: ping() is not None, "the agent to answer", IO_TIMEOUT_S)
         status, body = ping()
         assert status == 200 and body["status"] == "ok" and body["reqid"] == "0123456789abcdef"
         assert body["expiry"] == entry["expiry"]
@@ -679,7 +665,7 @@ def test_agent_request_pairing_denied_exits_3(env, start_server, agent_dir):
     server = start_server()
     proc = _request_pairing(folder, server.port, "web-10")
     try:
-        assert wait_for(lambda: len(pairing.list_requests(cfg)) == 1)
+        wait_for(lambda: len(pairing.list_requests(cfg)) == 1, "one queued request", IO_TIMEOUT_S)
         pairing.deny(cfg, pairing.list_requests(cfg)[0]["id"])
     finally:
         out, err = _finish(proc)

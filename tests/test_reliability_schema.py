@@ -44,18 +44,12 @@ MAX_EXAMPLES = 30
 MIN_CASES = 100
 #: Upper bound of one schemathesis run (it normally takes seconds).
 RUN_TIMEOUT_S = 600
+#: The repository's schemathesis settings (the /ws/run handshake statuses 101 and 426).
+CONFIG_FILE = os.path.join(ROOT, "schemathesis.toml")
 #: Checks that contradict SPEC.md, with the reason (also in RELIABILITY.md).
-EXCLUDED_CHECKS = {
-    # SPEC §6: "Unknown route or wrong method -> 404 `no route for <METHOD> <path>`";
-    # the check wants 405 for a method the spec does not list.
-    "unsupported_method": "SPEC §6 answers a wrong method with 404, not 405",
-}
+EXCLUDED_CHECKS: dict = {}
 #: Operations left out of the property run, with the reason (also in RELIABILITY.md).
-EXCLUDED_PATHS = {
-    # SPEC §6: a WebSocket; after the 101 the exchange is WebSocket messages, which OpenAPI
-    # cannot describe and schemathesis's HTTP client cannot speak (tests/test_api.py covers it).
-    "/ws/run": "WebSocket endpoint (messages after 101 are outside OpenAPI)",
-}
+EXCLUDED_PATHS: dict = {}
 #: Scripts on both agents: output, arguments echoed back, a failure, stderr.
 SCRIPTS = {
     "hello": "#!/bin/sh\necho hi\n",
@@ -122,7 +116,8 @@ class FuzzRun:
 
 def _run_schemathesis(name: str, location: str, base: str, mode: str, report_dir: str) -> FuzzRun:
     """Run the schemathesis CLI once against the live API; never raises for a failed run."""
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", location,
+    cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", CONFIG_FILE, "run", location,
+           "--checks", "all",
            "--url", base, "--mode", mode, "--max-examples", str(MAX_EXAMPLES),
            "--seed", "1", "--no-shrink", "--generation-database", "none", "--workers", "1",
            "--request-timeout", "60", "--wait-for-schema", "20",

@@ -19,6 +19,7 @@ import pytest
 
 import config
 import store
+from fleet import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Upper bound for any wait on a child process in these tests.
@@ -54,14 +55,6 @@ def children():
         proc.wait(timeout=CHILD_TIMEOUT_S)
 
 
-def wait_until(predicate, what, timeout_s=CHILD_TIMEOUT_S):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("timed out waiting for " + what)
-        time.sleep(0.02)
-
-
 def spawn_holder(children, state_dir, names, script):
     """A child process holding locks until killed; returns once the locks are held."""
     code = ("import sys, time; sys.path.insert(0, %r); import store; "
@@ -71,8 +64,8 @@ def spawn_holder(children, state_dir, names, script):
                             stderr=subprocess.DEVNULL)
     children.append(proc)
     locks = store.Locks(state_dir)
-    wait_until(lambda: {"host": names[0], "script": script} in locks.held() or proc.poll() is not None,
-               "child to take its locks")
+    wait_for(lambda: {"host": names[0], "script": script} in locks.held() or proc.poll() is not None,
+             "child to take its locks")
     assert proc.poll() is None, "lock holder exited early"
     return proc
 
