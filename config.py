@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "Config",
     "load",
+    "redact_url",
     "sanitise_dispatcher_id",
 ]
 
@@ -57,6 +58,9 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_]+")
 _INT_RE = re.compile(r"[0-9]+")
 _FLOAT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+_REDIS_URL_RE = re.compile(r"(?P<scheme>rediss?)://(?:(?P<userinfo>[^@/]*)@)?"
+                           r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?"
+                           r"(?:/(?P<db>[0-9]{1,2})?)?")
 _TRUE_WORDS = ("1", "yes", "true", "on")
 _FALSE_WORDS = ("0", "no", "false", "off")
 
@@ -129,6 +133,10 @@ class Config:
     pairing_rate_limit_disable: bool = False
     run_retention: int = 86400              #: seconds a run record is kept
     purge_interval: int = 600               #: seconds between background purges
+    #: "files" (state under state_dir) or redis[s]://[[user]:password@]host[:port][/db]
+    state_backend: str = "files"
+    state_backend_ca: str | None = None     #: CA file for a rediss:// server (default: system)
+    lock_lease: float = 30.0                #: seconds a Redis lock lives without renewal
     warnings: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -168,6 +176,16 @@ def load(path: str | None = None, *, env: Mapping | None = None) -> Config:
     values, warnings = _parse(text, path)
     values = _resolve_paths(values, base_dir)
     return Config(path=os.path.abspath(path), base_dir=base_dir, warnings=warnings, **values)
+
+
+def redact_url(url: str) -> str:
+    """A state_backend URL fit for messages and logs: any password replaced by ***."""
+    scheme, sep, rest = str(url).partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return str(url)
+    userinfo, _, hostpart = rest.partition("@")
+    user = userinfo.split(":", 1)[0]
+    return "%s://%s:***@%s" % (scheme, user, hostpart)
 
 
 def sanitise_dispatcher_id(text: str) -> str:
@@ -258,7 +276,8 @@ def _parse(text: str, path: str) -> tuple[dict, list]:
         try:
             values[canonical] = _PARSERS[canonical](value)
         except _Bad as exc:
-            raise ConfigError("%s must be %s, got %s" % (name, exc, _quote(value)),
+            shown = redact_url(value) if name == "state_backend" else value
+            raise ConfigError("%s must be %s, got %s" % (name, exc, _quote(shown)),
                               path=path, line=number, key=name) from None
     return values, warnings
 
@@ -363,7 +382,21 @@ def _dispatcher_id(value: str) -> str:
     return value
 
 
-_PATH_KEYS = ("ca_dir", "cert", "key", "ca", "state_dir", "auth_hook", "api_cert", "api_key")
+def _state_backend(value: str) -> str:
+    """Parser for state_backend: files, or a redis:// / rediss:// URL with a host."""
+    if value.lower() == "files":
+        return "files"
+    match = _REDIS_URL_RE.fullmatch(value)
+    if match is None or not match.group("host"):
+        raise _Bad("files or redis://[:password@]host[:port][/db] (rediss:// for TLS)")
+    port = match.group("port")
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise _Bad("a Redis URL whose port is 1-65535")
+    return value
+
+
+_PATH_KEYS = ("ca_dir", "cert", "key", "ca", "state_dir", "auth_hook", "api_cert", "api_key",
+              "state_backend_ca")
 
 #: Canonical key -> value parser. The key set is the accepted vocabulary.
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -394,4 +427,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "pairing_rate_limit_disable": _bool,
     "run_retention": _int(1, 10 * 365 * 86400),
     "purge_interval": _int(1, 86400),
+    "state_backend": _state_backend,
+    "state_backend_ca": _path,
+    "lock_lease": _seconds(3600),
 }

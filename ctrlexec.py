@@ -773,6 +773,8 @@ def _outcome_error(exc: Exception) -> CliError:
         return CliError(exc.detail, error="not found")
     if isinstance(exc, store_mod.CorruptRecord):
         return CliError(str(exc), error="corrupt record")
+    if isinstance(exc, store_mod.StoreUnavailable):
+        return CliError(str(exc), error="service unavailable")
     if isinstance(exc, service_mod.RunNotTracked):
         return CliError(str(exc), error="not tracked")
     return CliError(str(exc), code=EXIT_USAGE, error="config error")

@@ -85,6 +85,7 @@ ENDPOINTS = (
     ("GET", "/discovery"),
     ("POST", "/discovery"),
     ("GET", "/status/{reqid}"),
+    ("GET", "/runs/{reqid}/events"),
     ("GET", "/openapi.json"),
     ("GET", "/openapi-live.json"),
     ("GET", "/docs"),
@@ -155,6 +156,8 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
     app.route("/discovery", "POST", _endpoint(api.discovery))
     # A reqid outside STATUS_REQID_RE matches no route: 404 before it can become a path.
     app.route("/status/<reqid:re:%s>" % STATUS_REQID_RE.pattern, "GET", _endpoint(api.status))
+    app.route("/runs/<reqid:re:%s>/events" % STATUS_REQID_RE.pattern, "GET",
+              _endpoint(api.run_events))
     app.route("/openapi.json", "GET", _endpoint(api.openapi))
     app.route("/openapi-live.json", "GET", _endpoint(api.openapi_live))
     app.route("/docs", "GET", _endpoint(api.docs))
@@ -376,6 +379,29 @@ class _Handlers:
         record = self.runs.status(reqid, source_ip=_peer(), token=_bearer_token())
         return _json(200, store_mod.status_view(record))
 
+    def run_events(self, reqid: str) -> bottle.HTTPResponse:
+        """GET /runs/<reqid>/events[?after=<id>]: NDJSON, the run's events from any node.
+
+        Live until the run's "done" event; each line carries its "id", and a client that
+        reconnects with ?after=<last id> gets the rest with no gap and no duplicate.
+        """
+        after = bottle.request.query.get("after") or None
+        if after is not None and not store_mod.EVENT_ID_RE.fullmatch(after):
+            raise service_mod.BadRequest(
+                "after must be an event id (<milliseconds>-<sequence>, the \"id\" of an event)")
+        events = self.runs.follow(reqid, after=after, source_ip=_peer(), token=_bearer_token())
+
+        def lines() -> Iterable[bytes]:
+            try:
+                for event in events:
+                    yield _json_line(event)
+            except Exception as exc:  # noqa: BLE001 - mid-stream, an error is the last line
+                status, body = _answer(exc, bottle.request.path)
+                yield _json_line(dict(body, event="error", reqid=reqid, status=status))
+
+        return bottle.HTTPResponse(lines(), 200, {"Content-Type": NDJSON_TYPE,
+                                                  "Cache-Control": "no-cache"})
+
     def purge_runs(self) -> None:
         """Delete expired run records (the server's purger; /status purges lazily too)."""
         self.runs.purge_runs()
@@ -500,6 +526,9 @@ ERRORS = (
     (service_mod.Denied, 403, lambda exc: exc.body),
     (service_mod.NotFound, 404, lambda exc: _error_body("not found", exc.detail)),
     (store_mod.LockConflict, 409, _locked_body),
+    (store_mod.StoreUnavailable, 503, lambda exc: _error_body(
+        "service unavailable", "the state backend is unreachable; nothing was changed, retry "
+                               "when it is back")),
     (service_mod.RunNotTracked, 500, lambda exc: _error_body("internal error", str(exc))),
     (store_mod.CorruptRecord, 500, lambda exc: _error_body("internal error", str(exc))),
     (store_mod.StoreError, 500, lambda exc: _error_body(
@@ -932,6 +961,8 @@ def main(argv: Optional[list] = None) -> int:
     except config_mod.ConfigError as exc:
         return _refuse(str(exc))
     except StartError as exc:
+        return _refuse(str(exc))
+    except store_mod.StoreUnavailable as exc:
         return _refuse(str(exc))
     except store_mod.StoreError as exc:
         return _refuse("state_dir %s: %s" % (getattr(cfg, "state_dir", "?"), exc))

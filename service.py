@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 import dataclasses
-from typing import Any, Callable, Optional
+import math
+import time
+from typing import Any, Callable, Iterator, Optional
 
 import ujson
 
@@ -53,6 +55,10 @@ ARGS_DETAIL = "args must be an array of strings"
 #: How a run was asked for (recorded in the dispatch log line).
 RUN_MODES = ("sync", "async", "stream", "websocket", "follow")
 
+#: A follower waits this long for new events before it looks at the run's record again.
+FOLLOW_WAIT_S = 2.0
+#: Added to a run's longest possible duration before a silent run is reported lost.
+FOLLOW_GRACE_S = 60.0
 #: Parsed-body sentinels: no body at all / a body that is not valid JSON.
 NO_BODY = object()
 INVALID_JSON = object()
@@ -269,22 +275,31 @@ class Service:
         Events (with on_event): {"event":"start","reqid","script","hosts"} once the locks
         are held, the engine's stdout / stderr / exit events, then {"event":"done",
         "ok":true,"reqid","results"} after the locks are released and the record stored.
+        Each event also goes to the run's event log (store.events), where it gets an id,
+        so any node can follow the run (follow) and a follower can resume after an id.
         Returns: the per-host result rows in request order (engine.dispatch_all).
-        Raises: store.LockConflict (nothing dispatched), store.StoreError (a lock file).
+        Raises: store.LockConflict (nothing dispatched), store.StoreError (a lock).
         """
         targets = self.store.registry.resolve(list(plan.hosts))
-        with self._hold(plan, targets):
+        log = _EventLog(self.store.events, plan.reqid)
+        with self._hold(plan, targets) as held:
             self._log_dispatch(plan)
-            if on_event is not None:
-                on_event({"event": "start", "reqid": plan.reqid, "script": plan.script,
-                          "hosts": list(plan.hosts)})
-            results = self.engine.dispatch_all(targets, on_event=on_event, **self._dispatch(plan))
-        self.save(store_mod.sync_record(reqid=plan.reqid, script=plan.script,
-                                        hosts=list(plan.hosts), results=results,
-                                        submitter=plan.submitter))
+            log.open(self._meta(plan, deadline=time.time() + self._longest_s(plan)))
+            emit = log.forwarder(on_event)
+            emit({"event": "start", "reqid": plan.reqid, "script": plan.script,
+                  "hosts": list(plan.hosts)})
+            results = self.engine.dispatch_all(targets, on_event=emit if on_event else None,
+                                               **self._dispatch(plan))
+            if on_event is None:
+                log.append(_result_events(results))
+        record = store_mod.sync_record(reqid=plan.reqid, script=plan.script,
+                                       hosts=list(plan.hosts), results=results,
+                                       submitter=plan.submitter)
+        if held.fencing is not None:
+            record["fencing"] = held.fencing
+        self.save(record)
         _log_run_done(plan.reqid, plan.script, results)
-        if on_event is not None:
-            on_event({"event": "done", "ok": True, "reqid": plan.reqid, "results": results})
+        emit({"event": "done", "ok": True, "reqid": plan.reqid, "results": results})
         return results
 
     def submit(self, plan: RunPlan) -> list:
@@ -296,7 +311,7 @@ class Service:
         Raises: store.LockConflict, RunNotTracked.
         """
         targets = self.store.registry.resolve(list(plan.hosts))
-        with self._hold(plan, targets):
+        with self._hold(plan, targets) as held:
             accepted = [{"host": host, "script": plan.script, "status": "accepted",
                          "reqid": plan.reqid} for host in plan.hosts]
             try:
@@ -307,8 +322,16 @@ class Service:
                     "the run store cannot be written, so this async run could not be tracked; "
                     "nothing was dispatched (check state_dir permissions)") from None
             self._log_dispatch(plan)
+            log = _EventLog(self.store.events, plan.reqid)
+            log.open(self._meta(plan, deadline=None))
+            log.append([{"event": "start", "reqid": plan.reqid, "script": plan.script,
+                         "hosts": list(plan.hosts), "async": True}])
             results = self.engine.dispatch_all(targets, async_=True, **self._dispatch(plan))
-        self.save(self._async_record(plan, results))
+        record = self._async_record(plan, results)
+        if held.fencing is not None:
+            record["fencing"] = held.fencing
+        self.save(record)
+        log.append(_settled_events(plan.reqid, {}, record))
         return results
 
     # --- stored runs ---
@@ -336,6 +359,32 @@ class Service:
             record = self.refresh(record)
         return record
 
+    def follow(self, reqid: str, *, after: Optional[str] = None, source_ip: str,
+               token: str = "", username: str = "") -> Iterator[dict]:
+        """The events of a run from any node, live until its "done": resumable by id.
+
+        Authorised first (action status, with the run's submitter), so a refusal is raised
+        here, before the caller starts answering. The events are those of the run's event
+        log after ``after`` (each with its "id"); a run whose log has expired is replayed
+        from its record (ids "1-0", "2-0", ...). An async run is refreshed from its agents
+        while followed. A run whose node stopped reporting past its longest possible
+        duration ends with {"event":"error","error":"lost",...}.
+        Returns: an iterator of events (dicts with "id").
+        Raises: NotFound, Denied, store.StoreError (bad after, unreadable state).
+        """
+        meta = self.store.events.meta(reqid)
+        record = self.store.runs.load(reqid)
+        if meta is None and record is None:
+            raise NotFound("no run with reqid %s (unknown, or older than the retention)" % reqid)
+        owner = meta if meta is not None else record
+        submitter = owner.get("submitter") if isinstance(owner.get("submitter"), dict) else None
+        self.authorise("status", source_ip=source_ip, username=username, token=token,
+                       reqid=reqid, submitter=submitter)
+        self.store.events.read(reqid, after)          # an invalid after is refused now
+        if meta is None:
+            return iter(_replayed(record, after))
+        return self._follow(reqid, after, meta)
+
     def refresh(self, record: dict) -> dict:
         """Ask the hosts of an async record that are still pending for their results.
 
@@ -361,12 +410,23 @@ class Service:
                 merged.append(row)
             return store_mod.settle_async(dict(current, results=merged))
 
+        seen = {}
+
+        def merge_and_note(current: dict) -> dict:
+            seen["before"] = current
+            return merge(current)
+
         try:
-            updated = self._write(self.store.runs.update, record["reqid"], merge)
+            updated = self._write(self.store.runs.update, record["reqid"], merge_and_note)
         except store_mod.StoreError as exc:
             wire.log_action("err", "run-store-fail", reqid=record.get("reqid", ""), error=str(exc))
             updated = None
-        return updated if updated is not None else merge(record)
+        if updated is None:
+            return merge(record)
+        # Only the refresh whose update moved a row on tells the followers, once.
+        _EventLog(self.store.events, record["reqid"]).append(
+            _settled_events(record["reqid"], seen.get("before") or {}, updated))
+        return updated
 
     def save(self, record: dict) -> bool:
         """Store a run record; a failed write is logged (and warned), never fatal (ref §5.4)."""
@@ -452,6 +512,41 @@ class Service:
         names = list(dict.fromkeys(t.name for t in targets if t.address is not None))
         return self.store.locks.hold(names, plan.script)
 
+    def _follow(self, reqid: str, after: Optional[str], meta: dict) -> Iterator[dict]:
+        """follow()'s live part: read, wait, refresh async runs, stop at done or lost."""
+        while True:
+            batch = self.store.events.read(reqid, after, wait_s=FOLLOW_WAIT_S)
+            for event_id, event in batch:
+                after = event_id
+                yield dict(event, id=event_id)
+                if event.get("event") == "done":
+                    return
+            if batch:
+                continue
+            record = self.store.runs.load(reqid)
+            if record is not None and record.get("mode") == "async" and not record.get("complete"):
+                self.refresh(record)
+                continue
+            deadline = meta.get("deadline")
+            if record is None and isinstance(deadline, (int, float)) and time.time() > deadline:
+                yield {"event": "error", "ok": False, "error": "lost", "reqid": reqid,
+                       "detail": "the node running reqid %s stopped reporting before the run "
+                                 "finished" % reqid}
+                return
+
+    def _meta(self, plan: RunPlan, *, deadline: Optional[float]) -> dict:
+        """What a follower's authorisation and lost-run check need of a plan."""
+        return {"reqid": plan.reqid, "script": plan.script, "hosts": list(plan.hosts),
+                "mode": plan.mode, "submitter": plan.submitter, "started": time.time(),
+                "deadline": deadline}
+
+    def _longest_s(self, plan: RunPlan) -> float:
+        """How long a run can take at most: batches of max_parallel, each under its limits."""
+        per_host = float(self.cfg.connect_timeout) + max(
+            float(self.cfg.read_timeout), float(plan.timeout or 0) + 10.0)
+        batches = math.ceil(len(plan.hosts) / max(1, int(self.cfg.max_parallel)))
+        return batches * per_host + FOLLOW_GRACE_S
+
     def _dispatch(self, plan: RunPlan) -> dict:
         """The keyword arguments of engine.dispatch_all for a plan."""
         return dict(script=plan.script, args=list(plan.args), reqid=plan.reqid,
@@ -532,6 +627,91 @@ def _merged_row(row: dict, got: dict) -> dict:
     if status == "unknown":
         return {"host": row["host"], "status": "expired"}
     return dict(row, fetch_error=got.get("error") or "result fetch failed")
+
+
+class _EventLog:
+    """A run's event log as the service writes it: failures are logged, never fatal (the
+    run and its record matter more than its followers)."""
+
+    def __init__(self, events: Any, reqid: str) -> None:
+        self.events = events
+        self.reqid = reqid
+        self._failed = False
+
+    def open(self, meta: dict) -> None:
+        try:
+            self.events.open(self.reqid, meta)
+        except store_mod.StoreError as exc:
+            self._fail(exc)
+
+    def append(self, events: list) -> list:
+        if not events or self._failed:
+            return []
+        try:
+            return self.events.append(self.reqid, events)
+        except store_mod.StoreError as exc:
+            self._fail(exc)
+            return []
+
+    def forwarder(self, on_event: Optional[Callable]) -> Callable:
+        """An on_event that logs each event, then hands it on unchanged (the stream's
+        shape is the seed's; the ids are the follow endpoint's)."""
+        def emit(event: dict) -> None:
+            self.append([event])
+            if on_event is not None:
+                on_event(event)
+        return emit
+
+    def _fail(self, exc: Exception) -> None:
+        if not self._failed:
+            self._failed = True
+            wire.log_action("warning", "run-events-fail", reqid=self.reqid, error=str(exc))
+
+
+def _result_events(results: list) -> list:
+    """The stdout / stderr / exit events of finished result rows (a sync run's log)."""
+    events = []
+    for row in results:
+        for kind in ("stdout", "stderr"):
+            if row.get(kind):
+                events.append({"event": kind, "host": row.get("host"), "data": row[kind]})
+        exit_event = {"event": "exit", "host": row.get("host"), "exit": row.get("exit"),
+                      "rtt": row.get("rtt")}
+        if row.get("error"):
+            exit_event["error"] = row["error"]
+        events.append(exit_event)
+    return events
+
+
+def _settled_events(reqid: str, before: dict, after: dict) -> list:
+    """Events for an async record's rows that left accepted/running, plus done once complete."""
+    was = {row.get("host"): row.get("status") for row in before.get("results") or []
+           if isinstance(row, dict)}
+    settled = [row for row in after.get("results") or [] if isinstance(row, dict)
+               and row.get("status") not in store_mod.PENDING_STATES
+               and was.get(row.get("host"), "accepted") in store_mod.PENDING_STATES]
+    events = _result_events([row for row in settled if "exit" in row])
+    events += [{"event": "exit", "host": row.get("host"), "status": row.get("status"),
+                "error": row.get("error") or row.get("status")}
+               for row in settled if "exit" not in row]
+    if after.get("complete") and not before.get("complete"):
+        events.append({"event": "done", "ok": True, "reqid": reqid,
+                       "results": after.get("results") or []})
+    return events
+
+
+def _replayed(record: dict, after: Optional[str]) -> list:
+    """A finished run's events rebuilt from its record, ids "1-0", "2-0", ... after ``after``."""
+    events = [{"event": "start", "reqid": record.get("reqid"), "script": record.get("script"),
+               "hosts": list(record.get("hosts") or [])}]
+    events += _result_events([row for row in record.get("results") or []
+                              if isinstance(row, dict) and "exit" in row])
+    if record.get("complete"):
+        events.append({"event": "done", "ok": True, "reqid": record.get("reqid"),
+                       "results": record.get("results") or []})
+    start = 0 if after is None else int(after.split("-", 1)[0])
+    return [dict(event, id="%d-0" % number) for number, event in enumerate(events, 1)
+            if number > start]
 
 
 def _log_run_done(reqid: str, script: str, results: list) -> None:

@@ -1,4 +1,4 @@
-"""Control-host state: agent registry, run store and per host+script locks.
+"""Control-host state: agent registry, run store, per host+script locks, run events.
 
 A facade over a storage backend (SPEC §5). The facade classes (Registry, RunStore,
 Locks; bundled by Store / open_store) own every rule, once, for every backend:
@@ -23,16 +23,31 @@ Directories they create get: state_dir, agents/ and runs/ 0750 (the API user and
 group read them; records carry hostnames, IPs and script output), locks/ 0770 and
 lock files 0660 (the operator CLI and the API service share them through their common
 group). Existing directories are never re-moded, so packaging may choose e.g. setgid 2770.
-open_store() picks the backends (_select_backends): today files; the later
-state_backend key (files | redis://...) plugs in there, and callers do not change.
+Run events (RunEvents: the live events of a run, each with an id, for followers on any
+node) are kept in this process's memory with the file backends.
 
-Never does: I/O at import time, gevent patching, DNS lookups. Never stores tokens.
+Redis backends (state_backend = redis://... or rediss://..., several API nodes on one
+server; the registry stays under state_dir):
+    ctrlexec:run:<reqid>            hash {data, written}, TTL = run_retention
+    ctrlexec:runs                   sorted set reqid -> written (the time index)
+    ctrlexec:lock:<host>--<script>.lock   owner token, SET NX PX lock_lease, renewed
+    ctrlexec:fence                  counter: the fencing number of every lock grant
+    ctrlexec:events:<reqid>         stream of the run's events, TTL = run_retention
+    ctrlexec:events-meta:<reqid>    hash {meta}: script, hosts, submitter, deadline
+An unreachable server is StoreUnavailable (the API answers 503); redis-py reconnects
+by itself when the server is back. open_store() picks the backends (_select_backends)
+from state_backend; callers do not change.
+
+Never does: I/O at import time, gevent patching or importing gevent (only the Redis
+backends and the in-memory event wait use it, imported on first use), DNS lookups.
+Never stores tokens.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "StoreError",
+    "StoreUnavailable",
     "CorruptRecord",
     "LockConflict",
     "Target",
@@ -55,6 +70,13 @@ __all__ = [
     "FileRegistryBackend",
     "FileRunBackend",
     "FileLockBackend",
+    "RunEvents",
+    "MemoryEventBackend",
+    "RedisClient",
+    "RedisRunBackend",
+    "RedisLockBackend",
+    "RedisEventBackend",
+    "EVENT_ID_RE",
 ]
 
 import collections
@@ -63,11 +85,13 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import time
 from typing import Any, Callable, Protocol
 
 import ujson
 
+import config as config_mod
 import ctrlexec_agent as wire
 
 # --- constants -------------------------------------------------------------------
@@ -93,6 +117,25 @@ REGISTRY_FILE_MODE = 0o644
 RUN_FILE_MODE = 0o640
 LOCK_FILE_MODE = 0o660
 #: Dict keys never written to a run record (defence in depth: secrets stay off disk).
+#: Every Redis key of ctrl-exec starts with this (several fleets may share one server
+#: when each has its own database number).
+REDIS_PREFIX = "ctrlexec:"
+#: Read-modify-write attempts of one record before a busy key is reported.
+REDIS_UPDATE_RETRIES = 50
+#: Socket deadlines of a Redis command (a dead server must not hang a request).
+REDIS_SOCKET_TIMEOUT_S = 5.0
+REDIS_CONNECT_TIMEOUT_S = 3.0
+#: Connections per process; a request waiting longer than this for one gets a 503.
+REDIS_POOL_SIZE = 64
+REDIS_POOL_WAIT_S = 5.0
+#: How long the node's event reader blocks in one XREAD (new followers join within it).
+EVENT_READ_BLOCK_MS = 250
+#: At most this many events are kept per run (oldest dropped first).
+EVENTS_PER_RUN_MAX = 100000
+#: The in-memory event log (files backend) keeps the events of this many recent runs.
+MEMORY_EVENT_RUNS = 256
+#: An event id: "<milliseconds>-<sequence>" (Redis stream ids; the memory log mimics them).
+EVENT_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 SECRET_FIELDS = frozenset(("token", "password", "secret", "authorization"))
 
 _LOCK_UNSAFE_RE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -104,6 +147,10 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 class StoreError(Exception):
     """Base class: state could not be read or written, or a name / reqid was refused."""
+
+
+class StoreUnavailable(StoreError):
+    """The state backend cannot be reached now (Redis down): retry later; nothing was written."""
 
 
 class CorruptRecord(StoreError):
@@ -583,26 +630,38 @@ class Locks:
 
 
 class Store:
-    """The three state stores of one control host: .registry .runs .locks (no I/O here)."""
+    """The state stores of one control host: .registry .runs .locks .events (no I/O here).
+
+    .backend names the state backend for messages ("files" or the Redis URL without
+    its password).
+    """
 
     def __init__(self, cfg: Any) -> None:
-        registry, runs, locks = _select_backends(cfg)
+        registry, runs, locks, events = _select_backends(cfg)
         self.state_dir = cfg.state_dir
+        self.backend = config_mod.redact_url(getattr(cfg, "state_backend", "files") or "files")
         self.registry = Registry(registry)
         self.runs = RunStore(runs, cfg.run_retention)
         self.locks = Locks(locks)
+        self.events = RunEvents(events, cfg.run_retention)
 
 
 def open_store(cfg: Any) -> Store:
-    """Return the Store of cfg, its backends prepared (files: missing directories created).
+    """Return the Store of cfg, its backends prepared (files: missing directories created;
+    Redis: the server answers).
 
     Raises:
+        StoreUnavailable: the Redis server cannot be reached.
         StoreError: the state cannot be used (e.g. state_dir not writable).
     """
     store = Store(cfg)
     try:
-        for backend in (store.registry.backend, store.runs.backend, store.locks.backend):
+        for backend in (store.registry.backend, store.runs.backend, store.locks.backend,
+                        store.events.backend):
             backend.prepare()
+    except StoreUnavailable as exc:
+        raise StoreUnavailable("state_backend %s: cannot connect (%s); start the server or "
+                               "fix state_backend in ctrl-exec.conf" % (store.backend, exc)) from None
     except StoreError as exc:
         raise StoreError("state_dir %s is unusable: %s; set state_dir in ctrl-exec.conf to a "
                          "writable directory" % (cfg.state_dir, exc)) from None
@@ -756,15 +815,8 @@ class FileLockBackend:
         _ensure_dir(self.dir, LOCKS_DIR_MODE)
 
     def key_of(self, name: str, script: str) -> str:
-        """The lock file name: unsafe characters -> '_', long names hashed to fit NAME_MAX."""
-        host = _LOCK_UNSAFE_RE.sub("_", name)
-        safe_script = _LOCK_UNSAFE_RE.sub("_", script)
-        fname = "%s--%s.lock" % (host, safe_script)
-        if len(fname.encode()) > MAX_FILENAME_BYTES:
-            host = host[:80] + "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
-            safe_script = safe_script[:80] + "~" + hashlib.sha256(script.encode()).hexdigest()[:16]
-            fname = "%s--%s.lock" % (host, safe_script)
-        return fname
+        """The lock file name (_lock_key)."""
+        return _lock_key(name, script)
 
     def acquire(self, name: str, script: str) -> Lease | None:
         """flock(LOCK_EX | LOCK_NB) the pair's file; None when another fd holds it."""
@@ -814,17 +866,444 @@ class FileLockBackend:
         return out
 
 
+# --- public API: live events of runs -----------------------------------------------------
+
+class RunEvents:
+    """The live events of runs by reqid, each with an id that orders it (resume after an id).
+
+    A run's events (start, stdout, stderr, exit, done) are appended by the node running it
+    and read by any node: after=None reads from the first, after=<id> from the next one,
+    so a follower that reconnects with the last id it saw gets no gap and no duplicate.
+    The meta of a run (script, hosts, submitter, deadline) is kept beside its events so a
+    follower can be authorised before the run has a record. Secrets are scrubbed here.
+
+    Args: backend (MemoryEventBackend or RedisEventBackend); retention_s (events are kept
+        as long as run records).
+    """
+
+    def __init__(self, backend: Any, retention_s: int = RUN_RETENTION_S) -> None:
+        self.backend = backend
+        self.retention_s = retention_s
+
+    def open(self, reqid: str, meta: dict) -> None:
+        """Start the event log of reqid with its meta (replacing nothing that exists)."""
+        self.backend.open(_check_event_reqid(reqid), _scrub(dict(meta)), self.retention_s)
+
+    def meta(self, reqid: str) -> dict | None:
+        """The meta given to open(), or None when the run has no event log (or it expired)."""
+        return self.backend.meta(_check_event_reqid(reqid))
+
+    def append(self, reqid: str, events: list) -> list:
+        """Append events (in order) to the log of reqid; return their ids."""
+        if not events:
+            return []
+        return self.backend.append(_check_event_reqid(reqid), [_scrub(e) for e in events],
+                                   self.retention_s)
+
+    def read(self, reqid: str, after: str | None = None, *, wait_s: float = 0.0) -> list:
+        """[(id, event)] after ``after`` (None: from the first), oldest first.
+
+        With wait_s > 0 and nothing new, waits up to wait_s for the next events (the
+        node's one reader does the waiting; a follower holds no connection meanwhile).
+        Raises: StoreError for an after that is not an event id.
+        """
+        if after is not None and (not isinstance(after, str) or not EVENT_ID_RE.fullmatch(after)):
+            raise StoreError("invalid event id %r; accepted: <milliseconds>-<sequence> as "
+                             "given in an event's \"id\"" % (str(after)[:40],))
+        reqid = _check_event_reqid(reqid)
+        got = self.backend.read(reqid, after)
+        if got or wait_s <= 0:
+            return got
+        self.backend.wait(reqid, after, wait_s)
+        return self.backend.read(reqid, after)
+
+
+class MemoryEventBackend:
+    """Events in this process's memory (files backend: one node). The newest
+    MEMORY_EVENT_RUNS runs are kept; ids are "<sequence>-0", increasing per run."""
+
+    def __init__(self) -> None:
+        self._runs: collections.OrderedDict = collections.OrderedDict()
+        self._changed: dict = {}
+
+    def prepare(self) -> None:
+        """Nothing to prepare."""
+
+    def open(self, reqid: str, meta: dict, ttl_s: float) -> None:
+        if reqid not in self._runs:
+            self._runs[reqid] = {"meta": meta, "events": [], "next": 1}
+            while len(self._runs) > MEMORY_EVENT_RUNS:
+                old, _ = self._runs.popitem(last=False)
+                self._changed.pop(old, None)
+
+    def meta(self, reqid: str) -> dict | None:
+        run = self._runs.get(reqid)
+        return None if run is None else dict(run["meta"])
+
+    def append(self, reqid: str, events: list, ttl_s: float) -> list:
+        run = self._runs.get(reqid)
+        if run is None:
+            self.open(reqid, {}, ttl_s)
+            run = self._runs[reqid]
+        ids = []
+        for event in events:
+            event_id = "%d-0" % run["next"]
+            run["next"] += 1
+            run["events"].append((event_id, event))
+            ids.append(event_id)
+        del run["events"][:-EVENTS_PER_RUN_MAX]
+        changed = self._changed.pop(reqid, None)
+        if changed is not None:
+            changed.set()
+        return ids
+
+    def read(self, reqid: str, after: str | None) -> list:
+        run = self._runs.get(reqid)
+        if run is None:
+            return []
+        start = 0 if after is None else int(after.split("-", 1)[0])
+        return [(event_id, dict(event)) for event_id, event in run["events"]
+                if int(event_id.split("-", 1)[0]) > start]
+
+    def wait(self, reqid: str, after: str | None, wait_s: float) -> None:
+        changed = self._changed.setdefault(reqid, _gevent().event.Event())
+        changed.wait(wait_s)
+
+
+# --- public API: Redis backends ------------------------------------------------------------
+
+class RedisClient:
+    """One Redis connection pool for a process, safe under gevent, with errors translated.
+
+    redis-py's BlockingConnectionPool with a gevent queue: a greenlet waiting for a free
+    connection yields instead of blocking the hub. Every command runs through call(),
+    which turns an unreachable server into StoreUnavailable and any other Redis error into
+    StoreError, naming the server without its password.
+
+    Args: url (redis:// or rediss://, optionally with a password); ca (CA file for rediss).
+    """
+
+    def __init__(self, url: str, *, ca: str | None = None,
+                 socket_timeout_s: float = REDIS_SOCKET_TIMEOUT_S) -> None:
+        import redis                  # only a Redis-backed control host needs redis-py
+        self._redis = redis
+        self.shown = config_mod.redact_url(url)
+        options = {"max_connections": REDIS_POOL_SIZE, "timeout": REDIS_POOL_WAIT_S,
+                   "queue_class": _gevent().queue.LifoQueue, "socket_timeout": socket_timeout_s,
+                   "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+                   "health_check_interval": 30}
+        if url.lower().startswith("rediss://") and ca:
+            options["ssl_ca_certs"] = ca
+        self.pool = redis.BlockingConnectionPool.from_url(url, **options)
+        self.redis = redis.Redis(connection_pool=self.pool)
+        self.WatchError = redis.WatchError
+
+    def call(self, func: Callable, *args: Any, **kwargs: Any) -> Any:
+        """func(*args, **kwargs) with Redis errors turned into StoreUnavailable / StoreError."""
+        try:
+            return func(*args, **kwargs)
+        except (self._redis.ConnectionError, self._redis.TimeoutError) as exc:
+            raise StoreUnavailable("the state backend %s is unreachable (%s); requests that "
+                                   "need state fail until it is back"
+                                   % (self.shown, _one_line(exc))) from None
+        except self._redis.WatchError:
+            raise
+        except self._redis.RedisError as exc:
+            raise StoreError("the state backend %s refused a command (%s)"
+                             % (self.shown, _one_line(exc))) from None
+
+    def ping(self) -> None:
+        """Check the server answers (StoreUnavailable / StoreError otherwise)."""
+        self.call(self.redis.ping)
+
+    def close(self) -> None:
+        """Drop every pooled connection."""
+        self.pool.disconnect()
+
+
+class RedisRunBackend:
+    """RunBackend on Redis: one hash per record (data, written) with a TTL, and a time
+    index (sorted set reqid -> written) for purges and listings. Updates are optimistic
+    transactions (WATCH / MULTI): a lost race is retried, never a lost update."""
+
+    def __init__(self, client: RedisClient, prefix: str = REDIS_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.index = prefix + "runs"
+
+    def prepare(self) -> None:
+        self.client.ping()
+
+    def where(self, reqid: str) -> str:
+        return "%s key %srun:%s" % (self.client.shown, self.prefix, reqid)
+
+    def get(self, reqid: str) -> Stored | None:
+        data, written = self.client.call(self.client.redis.hmget, self._key(reqid),
+                                         ["data", "written"])
+        return None if data is None else Stored(data, _age(written))
+
+    def put(self, reqid: str, data: bytes, ttl_s: float) -> None:
+        pipe = self.client.redis.pipeline(transaction=True)
+        self._write(pipe, reqid, data, ttl_s)
+        self.client.call(pipe.execute)
+
+    def update(self, reqid: str, fn: Callable[[Stored | None], bytes | None],
+               ttl_s: float) -> None:
+        key = self._key(reqid)
+        for _attempt in range(REDIS_UPDATE_RETRIES):
+            with self.client.redis.pipeline(transaction=True) as pipe:
+                try:
+                    self.client.call(pipe.watch, key)
+                    data, written = self.client.call(pipe.hmget, key, ["data", "written"])
+                    new = fn(None if data is None else Stored(data, _age(written)))
+                    if new is None:
+                        return
+                    pipe.multi()
+                    self._write(pipe, reqid, new, ttl_s)
+                    self.client.call(pipe.execute)
+                    return
+                except self.client.WatchError:
+                    _gevent().sleep(0.001 * (1 + _attempt % 10))
+        raise StoreError("run record %s kept changing under %d concurrent updates; try again"
+                         % (reqid, REDIS_UPDATE_RETRIES))
+
+    def purge(self, max_age_s: float) -> int:
+        """Drop index entries (and any record left) older than max_age_s; TTLs do the rest."""
+        cutoff = time.time() - max_age_s
+        old = self.client.call(self.client.redis.zrangebyscore, self.index, "-inf", cutoff)
+        if not old:
+            return 0
+        reqids = [r.decode() if isinstance(r, bytes) else r for r in old]
+        pipe = self.client.redis.pipeline(transaction=False)
+        pipe.delete(*[self._key(r) for r in reqids])
+        pipe.zrem(self.index, *reqids)
+        self.client.call(pipe.execute)
+        return len(reqids)
+
+    def recent(self, since: float = 0.0, limit: int = 1000) -> list:
+        """Reqids written since ``since`` (epoch), newest first (the time index)."""
+        got = self.client.call(self.client.redis.zrevrangebyscore, self.index, "+inf", since,
+                               start=0, num=limit)
+        return [r.decode() if isinstance(r, bytes) else r for r in got]
+
+    def _key(self, reqid: str) -> str:
+        return "%srun:%s" % (self.prefix, reqid)
+
+    def _write(self, pipe: Any, reqid: str, data: bytes, ttl_s: float) -> None:
+        now = time.time()
+        key = self._key(reqid)
+        pipe.hset(key, mapping={"data": data, "written": repr(now)})
+        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        pipe.zadd(self.index, {reqid: now})
+
+
+#: KEYS[1] lock, KEYS[2] fencing counter; ARGV[1] owner token, ARGV[2] lease ms.
+#: Returns the grant's fencing number, or 0 when the lock is held.
+_LOCK_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('incr', KEYS[2])
+end
+return 0
+"""
+#: Renew (ARGV[2] = lease ms) or delete (no ARGV[2]) only while we still own the lock.
+_LOCK_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_LOCK_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisLockBackend:
+    """LockBackend on Redis: leases. A lock is SET NX PX with an owner token; one greenlet
+    per process renews every lease it holds each lease/3; release is compare-and-delete.
+    A node that dies stops renewing, so its locks lapse within lease_s. Every grant takes
+    the next number of one counter (the fencing number, recorded with the run)."""
+
+    def __init__(self, client: RedisClient, lease_s: float = 30.0,
+                 prefix: str = REDIS_PREFIX) -> None:
+        self.client = client
+        self.lease_ms = max(100, int(lease_s * 1000))
+        self.prefix = prefix
+        self.fence_key = prefix + "fence"
+        self._owned: dict = {}
+        self._renewer: Any = None
+        self._acquire = client.redis.register_script(_LOCK_ACQUIRE)
+        self._renew = client.redis.register_script(_LOCK_RENEW)
+        self._release = client.redis.register_script(_LOCK_RELEASE)
+
+    def prepare(self) -> None:
+        self.client.ping()
+
+    def key_of(self, name: str, script: str) -> str:
+        return _lock_key(name, script)
+
+    def acquire(self, name: str, script: str) -> Lease | None:
+        key = self.key_of(name, script)
+        token = secrets.token_hex(16)
+        fencing = int(self.client.call(self._acquire, keys=[self._key(key), self.fence_key],
+                                       args=[token, self.lease_ms]))
+        if not fencing:
+            return None
+        self._owned[token] = key
+        if self._renewer is None or self._renewer.dead:
+            self._renewer = _gevent().spawn(self._renew_forever)
+        return Lease(key, name, script, token, fencing)
+
+    def release(self, lease: Lease) -> None:
+        if self._owned.pop(lease.handle, None) is None:
+            return
+        try:
+            self.client.call(self._release, keys=[self._key(lease.key)], args=[lease.handle])
+        except StoreError as exc:
+            # The lease lapses by itself within lease_ms; say so instead of raising.
+            wire.log_action("warning", "lock-release-fail", LOCK=lease.key, ERROR=str(exc))
+
+    def held(self) -> list:
+        pattern = self._key("*")
+        out = []
+        for raw in self.client.call(lambda: list(self.client.redis.scan_iter(pattern, count=500))):
+            fname = (raw.decode() if isinstance(raw, bytes) else raw)[len(self._key("")):]
+            host, _, script = fname[:-5].rpartition("--")
+            out.append({"host": host, "script": script})
+        return out
+
+    def _key(self, key: str) -> str:
+        return "%slock:%s" % (self.prefix, key)
+
+    def _renew_forever(self) -> None:
+        """Renew every owned lease each lease/3 until none is left."""
+        while self._owned:
+            _gevent().sleep(self.lease_ms / 3000.0)
+            for token, key in list(self._owned.items()):
+                try:
+                    kept = self.client.call(self._renew, keys=[self._key(key)],
+                                            args=[token, self.lease_ms])
+                except StoreError as exc:
+                    wire.log_action("warning", "lock-renew-fail", LOCK=key, ERROR=str(exc))
+                    continue
+                if not kept and self._owned.pop(token, None) is not None:
+                    wire.log_action("err", "lock-lost", LOCK=key,
+                                    DETAIL="the lease lapsed before it was renewed")
+
+
+class RedisEventBackend:
+    """Events in Redis Streams (one per run, ids from Redis), meta in a hash, both with
+    the run TTL. One reader greenlet per process blocks in XREAD on the streams its local
+    followers wait on and wakes them; a follower holds no Redis connection while waiting."""
+
+    def __init__(self, client: RedisClient, reader: RedisClient,
+                 prefix: str = REDIS_PREFIX) -> None:
+        self.client = client
+        self.reader = reader
+        self.prefix = prefix
+        self._waiting: dict = {}          # reqid -> {"after": id, "events": [Event]}
+        self._reader_greenlet: Any = None
+
+    def prepare(self) -> None:
+        self.client.ping()
+
+    def open(self, reqid: str, meta: dict, ttl_s: float) -> None:
+        key = self._meta_key(reqid)
+        pipe = self.client.redis.pipeline(transaction=True)
+        pipe.hsetnx(key, "meta", ujson.dumps(meta))
+        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        self.client.call(pipe.execute)
+
+    def meta(self, reqid: str) -> dict | None:
+        raw = self.client.call(self.client.redis.hget, self._meta_key(reqid), "meta")
+        if raw is None:
+            return None
+        try:
+            meta = ujson.loads(raw)
+        except ValueError:
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def append(self, reqid: str, events: list, ttl_s: float) -> list:
+        key = self._stream_key(reqid)
+        pipe = self.client.redis.pipeline(transaction=True)
+        for event in events:
+            pipe.xadd(key, {"e": ujson.dumps(event, ensure_ascii=False)},
+                      maxlen=EVENTS_PER_RUN_MAX, approximate=True)
+        pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+        got = self.client.call(pipe.execute)
+        return [_text(event_id) for event_id in got[:-1]]
+
+    def read(self, reqid: str, after: str | None) -> list:
+        low = "-" if after is None else "(" + after
+        got = self.client.call(self.client.redis.xrange, self._stream_key(reqid), low, "+")
+        return [(_text(event_id), _event_of(fields)) for event_id, fields in got]
+
+    def wait(self, reqid: str, after: str | None, wait_s: float) -> None:
+        entry = self._waiting.setdefault(reqid, {"after": after or "0-0", "events": []})
+        if _id_key(after or "0-0") < _id_key(entry["after"]):
+            entry["after"] = after or "0-0"
+        woken = _gevent().event.Event()
+        entry["events"].append(woken)
+        if self._reader_greenlet is None or self._reader_greenlet.dead:
+            self._reader_greenlet = _gevent().spawn(self._read_forever)
+        try:
+            woken.wait(wait_s)
+        finally:
+            waiting = self._waiting.get(reqid)
+            if waiting is not None and woken in waiting["events"]:
+                waiting["events"].remove(woken)
+                if not waiting["events"]:
+                    del self._waiting[reqid]
+
+    def _read_forever(self) -> None:
+        """The node's one reader: XREAD BLOCK over every stream a local follower waits on."""
+        while self._waiting:
+            streams = {self._stream_key(reqid): entry["after"]
+                       for reqid, entry in self._waiting.items()}
+            try:
+                got = self.reader.call(self.reader.redis.xread, streams,
+                                       block=EVENT_READ_BLOCK_MS, count=1)
+            except StoreError:
+                _gevent().sleep(EVENT_READ_BLOCK_MS / 1000.0)
+                continue
+            for stream, _entries in got or []:
+                reqid = _text(stream)[len(self._stream_key("")):]
+                entry = self._waiting.pop(reqid, None)
+                for woken in (entry or {}).get("events", []):
+                    woken.set()
+
+    def _stream_key(self, reqid: str) -> str:
+        return "%sevents:%s" % (self.prefix, reqid)
+
+    def _meta_key(self, reqid: str) -> str:
+        return "%sevents-meta:%s" % (self.prefix, reqid)
+
+
 # --- private ---------------------------------------------------------------------------
 
 def _select_backends(cfg: Any) -> tuple:
-    """(registry, runs, locks) backends of cfg; no I/O.
+    """(registry, runs, locks, events) backends of cfg's state_backend; no I/O.
 
-    The later state_backend key plugs in here: "files" (the default) -> these three;
-    "redis://..." -> the Redis backends (records with TTL, leases with owner token and
-    fencing number). Everything above the backends stays as it is.
+    "files" (the default): everything under state_dir, events in this process's memory.
+    "redis://..." / "rediss://...": runs, locks and events in Redis; the registry stays
+    under state_dir (written by pairing on the control host, read by every node).
     """
-    return (FileRegistryBackend(cfg.state_dir), FileRunBackend(cfg.state_dir),
-            FileLockBackend(cfg.state_dir))
+    backend = getattr(cfg, "state_backend", "files") or "files"
+    registry = FileRegistryBackend(cfg.state_dir)
+    if backend == "files":
+        return (registry, FileRunBackend(cfg.state_dir), FileLockBackend(cfg.state_dir),
+                MemoryEventBackend())
+    ca = getattr(cfg, "state_backend_ca", None)
+    client = RedisClient(backend, ca=ca)
+    # The event reader blocks in XREAD: its own connection with a longer deadline.
+    reader = RedisClient(backend, ca=ca,
+                         socket_timeout_s=REDIS_SOCKET_TIMEOUT_S + EVENT_READ_BLOCK_MS / 1000.0)
+    return (registry, RedisRunBackend(client),
+            RedisLockBackend(client, float(getattr(cfg, "lock_lease", 30.0))),
+            RedisEventBackend(client, reader))
 
 
 def _backend_of(source: Any, file_backend: type) -> Any:
@@ -949,3 +1428,67 @@ def _valid_port(value: Any) -> int | None:
     except (TypeError, ValueError):
         return None
     return port if 1 <= port <= 65535 else None
+
+
+def _lock_key(name: str, script: str) -> str:
+    """The key of a host+script pair: "<host>--<script>.lock", unsafe characters -> '_',
+    long names hashed to fit NAME_MAX (a file name and a Redis key alike)."""
+    host = _LOCK_UNSAFE_RE.sub("_", name)
+    safe_script = _LOCK_UNSAFE_RE.sub("_", script)
+    fname = "%s--%s.lock" % (host, safe_script)
+    if len(fname.encode()) > MAX_FILENAME_BYTES:
+        host = host[:80] + "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
+        safe_script = safe_script[:80] + "~" + hashlib.sha256(script.encode()).hexdigest()[:16]
+        fname = "%s--%s.lock" % (host, safe_script)
+    return fname
+
+
+def _check_event_reqid(reqid: Any) -> str:
+    """A reqid for the event log, after the run store's allow-regex."""
+    if not isinstance(reqid, str) or not RUN_REQID_RE.fullmatch(reqid):
+        raise StoreError("invalid reqid %r; accepted: 1-64 letters, digits, '_' or '-'"
+                         % (reqid if not isinstance(reqid, str) else reqid[:80],))
+    return reqid
+
+
+def _age(written: Any) -> float:
+    """Seconds since a Redis record's "written" epoch (0 when unreadable: kept, not lost)."""
+    try:
+        return max(0.0, time.time() - float(written))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _text(value: Any) -> str:
+    """A Redis reply as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _event_of(fields: dict) -> dict:
+    """The event stored in a stream entry."""
+    raw = fields.get(b"e", fields.get("e"))
+    try:
+        event = ujson.loads(raw)
+    except (TypeError, ValueError):
+        return {"event": "error", "error": "unreadable event"}
+    return event if isinstance(event, dict) else {"event": "error", "error": "unreadable event"}
+
+
+def _id_key(event_id: str) -> tuple:
+    """An event id as a sortable (milliseconds, sequence)."""
+    ms, _, seq = event_id.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line, without a URL's password."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", text)
+
+
+def _gevent() -> Any:
+    """gevent, imported on first use: the file backends (and pairing, demo) never need it."""
+    import gevent
+    import gevent.event
+    import gevent.queue
+    return gevent
