@@ -58,6 +58,8 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_]+")
 _INT_RE = re.compile(r"[0-9]+")
 _FLOAT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})")
+#: The password of a URL's userinfo (between ':' and '@'), also in a malformed URL.
+_URL_PASSWORD_RE = re.compile(r"(?<=:)[^:@/]*(?=@)")
 _REDIS_URL_RE = re.compile(r"(?P<scheme>rediss?)://(?:(?P<userinfo>[^@/]*)@)?"
                            r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?"
                            r"(?:/(?P<db>[0-9]{1,2})?)?")
@@ -180,12 +182,7 @@ def load(path: str | None = None, *, env: Mapping | None = None) -> Config:
 
 def redact_url(url: str) -> str:
     """A state_backend URL fit for messages and logs: any password replaced by ***."""
-    scheme, sep, rest = str(url).partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return str(url)
-    userinfo, _, hostpart = rest.partition("@")
-    user = userinfo.split(":", 1)[0]
-    return "%s://%s:***@%s" % (scheme, user, hostpart)
+    return _URL_PASSWORD_RE.sub("***", str(url))
 
 
 def sanitise_dispatcher_id(text: str) -> str:

@@ -144,7 +144,8 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
         store = store_mod.open_store(cfg)
     if engine is None:
         engine = Engine.from_config(cfg)
-    runs = service_mod.Service(cfg, store, engine, caller="api", write=_off_hub)
+    runs = service_mod.Service(cfg, store, engine, caller="api",
+                               write=_off_hub if getattr(store, "blocking_writes", True) else None)
     app = _ApiApp(cfg, runs)
     api = _Handlers(cfg, runs)
     app.route("/", "GET", _endpoint(api.index))

@@ -527,6 +527,8 @@ class Service:
             if record is not None and record.get("mode") == "async" and not record.get("complete"):
                 self.refresh(record)
                 continue
+            if record is not None and record.get("complete"):
+                return                  # finished, and nothing is left after ``after``
             deadline = meta.get("deadline")
             if record is None and isinstance(deadline, (int, float)) and time.time() > deadline:
                 yield {"event": "error", "ok": False, "error": "lost", "reqid": reqid,
@@ -691,7 +693,7 @@ def _settled_events(reqid: str, before: dict, after: dict) -> list:
                and row.get("status") not in store_mod.PENDING_STATES
                and was.get(row.get("host"), "accepted") in store_mod.PENDING_STATES]
     events = _result_events([row for row in settled if "exit" in row])
-    events += [{"event": "exit", "host": row.get("host"), "status": row.get("status"),
+    events += [{"event": "exit", "host": row.get("host"),
                 "error": row.get("error") or row.get("status")}
                for row in settled if "exit" not in row]
     if after.get("complete") and not before.get("complete"):

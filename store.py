@@ -633,13 +633,16 @@ class Store:
     """The state stores of one control host: .registry .runs .locks .events (no I/O here).
 
     .backend names the state backend for messages ("files" or the Redis URL without
-    its password).
+    its password); .blocking_writes tells whether writes block the thread (files).
     """
 
     def __init__(self, cfg: Any) -> None:
         registry, runs, locks, events = _select_backends(cfg)
         self.state_dir = cfg.state_dir
         self.backend = config_mod.redact_url(getattr(cfg, "state_backend", "files") or "files")
+        #: Writes block the calling thread (files: fsync), so a gevent server should run
+        #: them in its thread pool; Redis writes are cooperative and must stay on the hub.
+        self.blocking_writes = self.backend == "files"
         self.registry = Registry(registry)
         self.runs = RunStore(runs, cfg.run_retention)
         self.locks = Locks(locks)
