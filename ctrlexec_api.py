@@ -33,6 +33,8 @@ import base64
 import binascii
 import os
 import re
+import secrets
+import socket
 import struct
 import sys
 import threading
@@ -144,7 +146,11 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
         store = store_mod.open_store(cfg)
     if engine is None:
         engine = Engine.from_config(cfg)
-    runs = service_mod.Service(cfg, store, engine, caller="api",
+    node = None
+    if getattr(store, "nodes", None) is not None:
+        node = "%s-%d-%s" % (config_mod.sanitise_dispatcher_id(socket.gethostname()), os.getpid(),
+                             secrets.token_hex(3))
+    runs = service_mod.Service(cfg, store, engine, caller="api", node=node,
                                write=_off_hub if getattr(store, "blocking_writes", True) else None)
     app = _ApiApp(cfg, runs)
     api = _Handlers(cfg, runs)
@@ -899,6 +905,22 @@ def _check_readable(cfg: Any) -> None:
                              % (name, path, name))
 
 
+def _reap_forever(app: Any, lease_s: float) -> None:
+    """Shared state: renew this node's liveness lease every lease/3 and, every lease,
+    refresh its pending async runs and take over those of nodes that stopped."""
+    runs = app.handlers.runs
+    next_reap = time.monotonic() + lease_s
+    while True:
+        try:
+            runs.store.nodes.beat(runs.node)
+            if time.monotonic() >= next_reap:
+                next_reap = time.monotonic() + lease_s
+                runs.reap()
+        except store_mod.StoreError as exc:
+            wire.log_action("warning", "api-reap-fail", error=str(exc))
+        gevent.sleep(max(0.1, lease_s / 3.0))
+
+
 def _purge_forever(app: Any, interval_s: float) -> None:
     """Background purge of expired run records every purge_interval seconds."""
     while True:
@@ -923,11 +945,20 @@ def serve(cfg: Any, app: Any, *, ssl_context: Any = None) -> int:
         raise StartError("%s (check api_bind and api_port)" % exc)
     wire.log_action("info", "api-start", bind=cfg.api_bind, port=server.server_port,
                     tls="yes" if ssl_context is not None else "no")
-    purger = gevent.spawn(_purge_forever, app, float(cfg.purge_interval))
+    background = [gevent.spawn(_purge_forever, app, float(cfg.purge_interval))]
+    runs = app.handlers.runs
+    if runs.node is not None:
+        background.append(gevent.spawn(_reap_forever, app, float(cfg.lock_lease)))
     try:
         httpserver.serve_until_signalled(server)
     finally:
-        purger.kill(block=False)
+        for greenlet in background:
+            greenlet.kill(block=False)
+        if runs.node is not None:
+            try:
+                runs.store.nodes.forget(runs.node)     # the others take over at once
+            except store_mod.StoreError:
+                pass
     wire.log_action("info", "api-stop", port=server.server_port)
     return 0
 

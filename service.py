@@ -227,11 +227,14 @@ class Service:
     Args: cfg (config.Config); store (store.Store); engine (engine.Engine); caller
         "api" | "cli" (what the auth hook and api_auth_default see); write (callable
         running a blocking record write, e.g. in a thread pool; default: call it);
-        warn (callable(str) told when a record could not be stored; default: log only).
+        warn (callable(str) told when a record could not be stored; default: log only);
+        node (this API node's id: its async runs carry it as "owner", and reap() takes
+        over the runs of nodes whose liveness lease lapsed).
     """
 
     def __init__(self, cfg: Any, store: Any, engine: Any, *, caller: str,
-                 write: Optional[Callable] = None, warn: Optional[Callable] = None) -> None:
+                 write: Optional[Callable] = None, warn: Optional[Callable] = None,
+                 node: Optional[str] = None) -> None:
         if caller not in auth.CALLERS:
             raise ValueError("caller must be one of %s, got %r" % (", ".join(auth.CALLERS), caller))
         self.cfg = cfg
@@ -240,6 +243,8 @@ class Service:
         self.caller = caller
         self._write = write or (lambda func, *args: func(*args))
         self._warn = warn
+        #: This API node's id while it renews its liveness lease (store.nodes), else None.
+        self.node = node
 
     # --- auth ---
 
@@ -330,7 +335,8 @@ class Service:
         record = self._async_record(plan, results)
         if held.fencing is not None:
             record["fencing"] = held.fencing
-        self.save(record)
+        if self.save(record) and not record.get("complete"):
+            self._track(plan.reqid, pending=True)
         log.append(_settled_events(plan.reqid, {}, record))
         return results
 
@@ -426,7 +432,39 @@ class Service:
         # Only the refresh whose update moved a row on tells the followers, once.
         _EventLog(self.store.events, record["reqid"]).append(
             _settled_events(record["reqid"], seen.get("before") or {}, updated))
+        if updated.get("complete") and not (seen.get("before") or {}).get("complete"):
+            self._track(record["reqid"], pending=False)
         return updated
+
+    def reap(self) -> int:
+        """Refresh the pending async runs this node owns, and take over those of stopped nodes.
+
+        A run whose owner's liveness lease lapsed (or that has no owner: submitted by the
+        CLI) is taken over atomically (its "owner" becomes this node), then refreshed from
+        its agents; a host whose agent cannot answer then is marked "lost" with the reason,
+        so a run is never left "running" forever. Only for shared state (store.nodes).
+        Returns: how many runs were refreshed.
+        """
+        if self.node is None or self.store.nodes is None:
+            return 0
+        refreshed = 0
+        for reqid in self.store.runs.pending():
+            record = self.store.runs.load(reqid)
+            if record is None or record.get("mode") != "async" or record.get("complete"):
+                self._track(reqid, pending=False)
+                continue
+            owner = record.get("owner")
+            if owner != self.node:
+                if owner and self.store.nodes.alive(owner):
+                    continue
+                record = self._take_over(reqid, owner)
+                if record is None:
+                    continue
+                record = self._mark_lost(self.refresh(record))
+            else:
+                self.refresh(record)
+            refreshed += 1
+        return refreshed
 
     def save(self, record: dict) -> bool:
         """Store a run record; a failed write is logged (and warned), never fatal (ref §5.4)."""
@@ -536,6 +574,49 @@ class Service:
                                  "finished" % reqid}
                 return
 
+    def _take_over(self, reqid: str, owner: Optional[str]) -> Optional[dict]:
+        """Make this node the owner of a run, unless another node was quicker."""
+        def claim(current: dict) -> dict:
+            if current.get("owner") != owner:
+                return current
+            return dict(current, owner=self.node)
+        taken = self.store.runs.update(reqid, claim)
+        if taken is None or taken.get("owner") != self.node:
+            return None
+        wire.log_action("warning", "run-takeover", reqid=reqid, owner=owner or "(none)",
+                        node=self.node)
+        return taken
+
+    def _mark_lost(self, record: dict) -> dict:
+        """Rows still pending whose agent could not answer become "lost" (final)."""
+        def lose(current: dict) -> dict:
+            rows = []
+            for row in current.get("results") or []:
+                if (isinstance(row, dict) and row.get("status") in store_mod.PENDING_STATES
+                        and row.get("fetch_error")):
+                    row = {"host": row["host"], "status": "lost",
+                           "error": "the node that started this run stopped, and the agent "
+                                    "could not be asked for its result: %s" % row["fetch_error"]}
+                rows.append(row)
+            return store_mod.settle_async(dict(current, results=rows))
+        if not any(isinstance(row, dict) and row.get("fetch_error")
+                   for row in record.get("results") or []):
+            return record
+        seen = {}
+
+        def lose_and_note(current: dict) -> dict:
+            seen["before"] = current
+            return lose(current)
+
+        updated = self.store.runs.update(record["reqid"], lose_and_note)
+        if updated is None:
+            return record
+        _EventLog(self.store.events, record["reqid"]).append(
+            _settled_events(record["reqid"], seen.get("before") or {}, updated))
+        if updated.get("complete"):
+            self._track(record["reqid"], pending=False)
+        return updated
+
     def _meta(self, plan: RunPlan, *, deadline: Optional[float]) -> dict:
         """What a follower's authorisation and lost-run check need of a plan."""
         return {"reqid": plan.reqid, "script": plan.script, "hosts": list(plan.hosts),
@@ -555,8 +636,22 @@ class Service:
                     username=plan.username, token=plan.token, timeout=plan.timeout)
 
     def _async_record(self, plan: RunPlan, results: list) -> dict:
-        return store_mod.async_record(reqid=plan.reqid, script=plan.script, hosts=list(plan.hosts),
-                                      results=results, submitter=plan.submitter)
+        record = store_mod.async_record(reqid=plan.reqid, script=plan.script,
+                                        hosts=list(plan.hosts), results=results,
+                                        submitter=plan.submitter)
+        if self.node is not None:
+            record["owner"] = self.node
+        return record
+
+    def _track(self, reqid: str, *, pending: bool) -> None:
+        """Keep the reapers' list of pending async runs in step (failures only logged)."""
+        try:
+            if pending:
+                self.store.runs.track_pending(reqid)
+            else:
+                self.store.runs.untrack_pending(reqid)
+        except store_mod.StoreError as exc:
+            wire.log_action("warning", "run-track-fail", reqid=reqid, error=str(exc))
 
     def _log_dispatch(self, plan: RunPlan) -> None:
         wire.log_action("info", "dispatch", script=plan.script, hosts=len(plan.hosts),

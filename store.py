@@ -34,6 +34,8 @@ server; the registry stays under state_dir):
     ctrlexec:fence                  counter: the fencing number of every lock grant
     ctrlexec:events:<reqid>         stream of the run's events, TTL = run_retention
     ctrlexec:events-meta:<reqid>    hash {meta}: script, hosts, submitter, deadline
+    ctrlexec:async-pending          sorted set of async runs not yet complete (reapers)
+    ctrlexec:node:<node id>         an API node's liveness lease, renewed while it runs
 An unreachable server is StoreUnavailable (the API answers 503); redis-py reconnects
 by itself when the server is back. open_store() picks the backends (_select_backends)
 from state_backend; callers do not change.
@@ -76,6 +78,7 @@ __all__ = [
     "RedisRunBackend",
     "RedisLockBackend",
     "RedisEventBackend",
+    "RedisNodeBackend",
     "EVENT_ID_RE",
 ]
 
@@ -531,6 +534,26 @@ class RunStore:
         """Delete records older than the retention; return how many records."""
         return self.backend.purge(self.retention_s)
 
+    def track_pending(self, reqid: str) -> None:
+        """Note an async run as pending (shared backends: the reapers' work list)."""
+        track = getattr(self.backend, "track", None)
+        if track is not None:
+            track(self._check_reqid(reqid))
+
+    def untrack_pending(self, reqid: str) -> None:
+        """The async run is complete: no reaper needs to look at it again."""
+        untrack = getattr(self.backend, "untrack", None)
+        if untrack is not None:
+            untrack(self._check_reqid(reqid))
+
+    def pending(self) -> list:
+        """Reqids of async runs noted as pending, oldest first ([] for the file backend,
+        whose single node refreshes its runs on /status)."""
+        tracked = getattr(self.backend, "tracked", None)
+        if tracked is None:
+            return []
+        return [r for r in tracked(self.retention_s) if RUN_REQID_RE.fullmatch(r)]
+
     # --- private ---
 
     def _check_reqid(self, reqid: Any) -> str:
@@ -630,14 +653,14 @@ class Locks:
 
 
 class Store:
-    """The state stores of one control host: .registry .runs .locks .events (no I/O here).
+    """The state stores of one control host: .registry .runs .locks .events .nodes (no I/O).
 
     .backend names the state backend for messages ("files" or the Redis URL without
     its password); .blocking_writes tells whether writes block the thread (files).
     """
 
     def __init__(self, cfg: Any) -> None:
-        registry, runs, locks, events = _select_backends(cfg)
+        registry, runs, locks, events, nodes = _select_backends(cfg)
         self.state_dir = cfg.state_dir
         self.backend = config_mod.redact_url(getattr(cfg, "state_backend", "files") or "files")
         #: Writes block the calling thread (files: fsync), so a gevent server should run
@@ -647,6 +670,8 @@ class Store:
         self.runs = RunStore(runs, cfg.run_retention)
         self.locks = Locks(locks)
         self.events = RunEvents(events, cfg.run_retention)
+        #: API node liveness (RedisNodeBackend), or None: one node, nothing to take over.
+        self.nodes = nodes
 
 
 def open_store(cfg: Any) -> Store:
@@ -1089,6 +1114,20 @@ class RedisRunBackend:
                                start=0, num=limit)
         return [r.decode() if isinstance(r, bytes) else r for r in got]
 
+    def track(self, reqid: str) -> None:
+        self.client.call(self.client.redis.zadd, self.prefix + "async-pending",
+                         {reqid: time.time()})
+
+    def untrack(self, reqid: str) -> None:
+        self.client.call(self.client.redis.zrem, self.prefix + "async-pending", reqid)
+
+    def tracked(self, max_age_s: float) -> list:
+        key = self.prefix + "async-pending"
+        pipe = self.client.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(key, "-inf", time.time() - max_age_s)
+        pipe.zrange(key, 0, -1)
+        return [_text(r) for r in self.client.call(pipe.execute)[1]]
+
     def _key(self, reqid: str) -> str:
         return "%srun:%s" % (self.prefix, reqid)
 
@@ -1196,6 +1235,32 @@ class RedisLockBackend:
                                     DETAIL="the lease lapsed before it was renewed")
 
 
+class RedisNodeBackend:
+    """Which API nodes are alive: each node renews ctrlexec:node:<id> (a lease) while it
+    runs; a node whose key lapsed has stopped, and its async runs are taken over."""
+
+    def __init__(self, client: RedisClient, lease_s: float = 30.0,
+                 prefix: str = REDIS_PREFIX) -> None:
+        self.client = client
+        self.lease_ms = max(100, int(lease_s * 1000))
+        self.prefix = prefix
+
+    def beat(self, node: str) -> None:
+        """Renew this node's lease."""
+        self.client.call(self.client.redis.set, self._key(node), "1", px=self.lease_ms)
+
+    def alive(self, node: str) -> bool:
+        """True while node's lease has not lapsed."""
+        return bool(self.client.call(self.client.redis.exists, self._key(node)))
+
+    def forget(self, node: str) -> None:
+        """A graceful stop: the others may take this node's runs over at once."""
+        self.client.call(self.client.redis.delete, self._key(node))
+
+    def _key(self, node: str) -> str:
+        return "%snode:%s" % (self.prefix, node)
+
+
 class RedisEventBackend:
     """Events in Redis Streams (one per run, ids from Redis), meta in a hash, both with
     the run TTL. One reader greenlet per process blocks in XREAD on the streams its local
@@ -1288,7 +1353,7 @@ class RedisEventBackend:
 # --- private ---------------------------------------------------------------------------
 
 def _select_backends(cfg: Any) -> tuple:
-    """(registry, runs, locks, events) backends of cfg's state_backend; no I/O.
+    """(registry, runs, locks, events, nodes) backends of cfg's state_backend; no I/O.
 
     "files" (the default): everything under state_dir, events in this process's memory.
     "redis://..." / "rediss://...": runs, locks and events in Redis; the registry stays
@@ -1298,15 +1363,15 @@ def _select_backends(cfg: Any) -> tuple:
     registry = FileRegistryBackend(cfg.state_dir)
     if backend == "files":
         return (registry, FileRunBackend(cfg.state_dir), FileLockBackend(cfg.state_dir),
-                MemoryEventBackend())
+                MemoryEventBackend(), None)
     ca = getattr(cfg, "state_backend_ca", None)
     client = RedisClient(backend, ca=ca)
     # The event reader blocks in XREAD: its own connection with a longer deadline.
     reader = RedisClient(backend, ca=ca,
                          socket_timeout_s=REDIS_SOCKET_TIMEOUT_S + EVENT_READ_BLOCK_MS / 1000.0)
-    return (registry, RedisRunBackend(client),
-            RedisLockBackend(client, float(getattr(cfg, "lock_lease", 30.0))),
-            RedisEventBackend(client, reader))
+    lease_s = float(getattr(cfg, "lock_lease", 30.0))
+    return (registry, RedisRunBackend(client), RedisLockBackend(client, lease_s),
+            RedisEventBackend(client, reader), RedisNodeBackend(client, lease_s))
 
 
 def _backend_of(source: Any, file_backend: type) -> Any:

@@ -200,6 +200,12 @@ def test_a_killed_node_releases_its_locks_within_the_lease(cluster):
     runner.join(60)
 
 
+def _completed(node: ApiServer, reqid: str) -> dict | None:
+    """The run's record from node once it is complete, else None."""
+    status, record = node.request("GET", "/status/%s" % reqid)
+    return record if status == 200 and record["complete"] else None
+
+
 def _quietly(func, *args, **kwargs):
     try:
         return func(*args, **kwargs)
@@ -215,16 +221,37 @@ def test_an_async_run_survives_the_node_that_started_it(cluster):
     assert status == 202
     reqid = body["reqid"]
     node_a.kill()
-    def complete():
-        status, record = node_b.request("GET", "/status/%s" % reqid)
-        return record if status == 200 and record["complete"] else None
-    record = wait_for(complete, "the async run to complete, seen from B", 30, 0.5)
+    record = wait_for(lambda: _completed(node_b, reqid), "the async run to complete, seen from B",
+                      30, 0.5)
     assert [row["status"] for row in record["results"]] == ["done", "done"]
     assert all(row["stdout"] == "slept\n" for row in record["results"])
     events = _follow(node_b, reqid)
     assert events[0]["event"] == "start" and events[0]["async"] is True
     assert events[-1]["event"] == "done"
     assert sorted(e["host"] for e in events if e["event"] == "exit") == ["web-01", "web-02"]
+
+
+def test_a_stopped_nodes_async_run_is_taken_over_and_unanswerable_hosts_are_lost(cluster):
+    node_a, node_b = cluster.start(2)
+    status, body = node_a.request("POST", "/run", {"hosts": ["web-01", "web-02"],
+                                                   "script": "sleep", "args": ["1"],
+                                                   "async": True})
+    assert status == 202
+    reqid = body["reqid"]
+    node_a.kill()                                   # no graceful stop: its lease must lapse
+    cluster.fleet.agents["web-02"].stop()           # and one agent can no longer answer
+
+    record = wait_for(lambda: _completed(node_b, reqid), "B's reaper to settle the run",
+                      LEASE_S * 6 + 20, 0.5)
+    by_host = {row["host"]: row for row in record["results"]}
+    assert by_host["web-01"]["status"] == "done" and by_host["web-01"]["stdout"] == "slept\n"
+    assert by_host["web-02"]["status"] == "lost"
+    assert by_host["web-02"]["error"].startswith(
+        "the node that started this run stopped, and the agent could not be asked")
+    assert record["owner"] != body.get("owner") and record["owner"]
+    assert "ACTION=run-takeover" in node_b.log()
+    events = _follow(node_b, reqid)
+    assert events[-1]["event"] == "done"
 
 
 def test_many_clients_on_three_nodes_never_run_one_host_script_twice(tmp_path, redis_server):

@@ -612,3 +612,31 @@ def test_ws_and_ndjson_over_tls(fleet, api, tmp_path):
     finally:
         conn.close()
     assert lines[-1]["event"] == "done" and lines[-1]["results"][0]["stdout"] == "first\nsecond\n"
+
+
+# ---------------------------------------------------------------------------
+# 8. following a run: GET /runs/{reqid}/events (files backend, one node)
+# ---------------------------------------------------------------------------
+
+
+def test_follow_endpoint_replays_a_streamed_run_and_resumes_after_an_id(fleet, api):
+    hosts = ["web-01", "web-02"]
+    for name in hosts:
+        fleet.add_agent(name, scripts={"tick": TICK})
+    server = api()
+    streamed = events_of(ndjson_run(server.port, {"hosts": hosts, "script": "tick"}))
+    reqid = streamed[0]["reqid"]
+    status, headers, followed = server.call("GET", "/runs/%s/events" % reqid)
+    assert status == 200 and headers["content-type"].startswith("application/x-ndjson")
+    validator = jsonschema.Draft202012Validator(dict(SPEC["components"]["schemas"]["RunEvent"],
+                                                     components=SPEC["components"]))
+    for event in followed:
+        assert not list(validator.iter_errors(event)), event
+    assert [{k: v for k, v in e.items() if k != "id"} for e in followed] == streamed
+    ids = [e["id"] for e in followed]
+    status, _, rest = server.call("GET", "/runs/%s/events?after=%s" % (reqid, ids[1]))
+    assert status == 200 and rest == followed[2:]
+    status, _, body = server.call("GET", "/runs/%s/events?after=nope" % reqid)
+    assert status == 400 and body["detail"].startswith("after must be an event id")
+    status, _, body = server.call("GET", "/runs/0123456789abcdef/events")
+    assert status == 404 and body["error"] == "not found"
