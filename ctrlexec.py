@@ -793,7 +793,7 @@ def _record_rows(record: dict) -> list:
 
 def _row_ok(row: dict) -> bool:
     """A host succeeded: it ran and exited 0 (async rows must also be "done")."""
-    return row.get("status") in (None, "done") and row.get("exit") == 0
+    return row.get("status") in (None, "done", "ok") and row.get("exit") == 0
 
 
 # --- helpers: output ---
@@ -865,13 +865,15 @@ def _print_run_row(row: dict, reqid: str, *, with_output: bool = True) -> None:
     """`==> web-01  OK  exit:0  12ms  req:<reqid>`, then stdout, STDERR:, ERROR:."""
     host = _safe(row.get("host"))
     status = row.get("status")
-    if status in (None, "done") and "exit" in row:
+    if (status in (None, "done") or status in engine_mod.HOST_STATES) and "exit" in row:
         parts = ["==> %s" % host, "OK" if _row_ok(row) else "FAIL", "exit:%s" % row.get("exit")]
         if row.get("rtt"):
             parts.append(str(row["rtt"]))
         parts.append("req:%s" % (row.get("reqid") or reqid))
         if row.get("timed_out"):
             parts.append("TIMED OUT")
+        elif status not in (None, "done", "ok", "failed"):
+            parts.append(status.upper().replace("_", " "))
         if row.get("truncated"):
             parts.append("TRUNCATED")
         _out("  ".join(parts))

@@ -87,7 +87,9 @@ ENDPOINTS = (
     ("GET", "/discovery"),
     ("POST", "/discovery"),
     ("GET", "/status/{reqid}"),
+    ("GET", "/runs"),
     ("GET", "/runs/{reqid}/events"),
+    ("POST", "/runs/{reqid}/cancel"),
     ("GET", "/openapi.json"),
     ("GET", "/openapi-live.json"),
     ("GET", "/docs"),
@@ -163,8 +165,11 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
     app.route("/discovery", "POST", _endpoint(api.discovery))
     # A reqid outside STATUS_REQID_RE matches no route: 404 before it can become a path.
     app.route("/status/<reqid:re:%s>" % STATUS_REQID_RE.pattern, "GET", _endpoint(api.status))
+    app.route("/runs", "GET", _endpoint(api.runs_list))
     app.route("/runs/<reqid:re:%s>/events" % STATUS_REQID_RE.pattern, "GET",
               _endpoint(api.run_events))
+    app.route("/runs/<reqid:re:%s>/cancel" % STATUS_REQID_RE.pattern, "POST",
+              _endpoint(api.cancel))
     app.route("/openapi.json", "GET", _endpoint(api.openapi))
     app.route("/openapi-live.json", "GET", _endpoint(api.openapi_live))
     app.route("/docs", "GET", _endpoint(api.docs))
@@ -344,9 +349,11 @@ class _Handlers:
                                                       "Cache-Control": "no-cache"})
         if req["async"]:
             results = self.runs.submit(plan)
-            return _json(202, {"ok": True, "async": True, "reqid": plan.reqid, "results": results})
+            return _json(202, {"ok": True, "async": True, "reqid": plan.reqid, "results": results,
+                               "summary": service_mod.summary_of(results)})
         results = self.runs.run(plan)
-        return _json(200, {"ok": True, "reqid": plan.reqid, "results": results})
+        return _json(200, {"ok": True, "reqid": plan.reqid, "results": results,
+                           "summary": service_mod.summary_of(results)})
 
     def ws_run(self) -> bottle.HTTPResponse:
         """GET /ws/run: WebSocket; the first message is a run request, then the stream's events.
@@ -408,6 +415,18 @@ class _Handlers:
 
         return bottle.HTTPResponse(lines(), 200, {"Content-Type": NDJSON_TYPE,
                                                   "Cache-Control": "no-cache"})
+
+    def runs_list(self) -> bottle.HTTPResponse:
+        """GET /runs[?script&host&user&state&since&limit&offset]: recent runs, newest first."""
+        query = service_mod.validate_runs_query(dict(bottle.request.query.items()))
+        return _json(200, self.runs.list_runs(query, source_ip=_peer(), token=_bearer_token()))
+
+    def cancel(self, reqid: str) -> bottle.HTTPResponse:
+        """POST /runs/<reqid>/cancel [{grace, username, token}]: 200 with per-host rows."""
+        req = service_mod.validate_cancel(_body())
+        result = self.runs.cancel(reqid, source_ip=_peer(), username=req["username"],
+                                  token=req["token"] or _bearer_token(), grace=req["grace"])
+        return _json(200, result)
 
     def purge_runs(self) -> None:
         """Delete expired run records (the server's purger; /status purges lazily too)."""
@@ -533,6 +552,7 @@ ERRORS = (
     (service_mod.Denied, 403, lambda exc: exc.body),
     (service_mod.NotFound, 404, lambda exc: _error_body("not found", exc.detail)),
     (store_mod.LockConflict, 409, _locked_body),
+    (service_mod.RunFinished, 409, lambda exc: _error_body("finished", exc.detail)),
     (store_mod.StoreUnavailable, 503, lambda exc: _error_body(
         "service unavailable", "the state backend is unreachable; nothing was changed, retry "
                                "when it is back")),

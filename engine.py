@@ -17,7 +17,7 @@ to DNS, and it never logs or returns the caller's token.
 from __future__ import annotations
 
 __all__ = [
-    "Engine", "EngineError", "CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "MAX_PARALLEL",
+    "Engine", "EngineError", "RunControl", "row_state", "HOST_STATES", "CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "MAX_PARALLEL",
     "STREAM_GRACE_S", "MAX_RESPONSE_BYTES", "MAX_EVENT_LINE_BYTES", "SESSION_CACHE_MAX",
     "NDJSON_TYPE",
 ]
@@ -54,12 +54,85 @@ SESSION_CACHE_MAX = 4096
 
 NDJSON_TYPE = "application/x-ndjson"
 
+#: The honest per-host states of a finished run row (row_state).
+HOST_STATES = ("ok", "failed", "timed_out", "unreachable", "no_reply", "cancelled", "skipped",
+               "lost")
+#: Transport wordings (_transport_error) that mean the agent was never reached.
+_UNREACHED_PREFIXES = ("unknown agent", "host '", "TLS handshake with")
+#: ... and that mean it was reached but did not answer in time.
+_NO_REPLY_PREFIXES = ("read timeout after", "no response from agent")
+
 #: Host status values of an async record that still wait for the agent.
 #: Run fields copied from an agent's answer when present and true.
-_RUN_FLAGS = ("truncated", "timed_out")
+_RUN_FLAGS = ("truncated", "timed_out", "cancelled")
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
 _CLOSED_DURING_HANDSHAKE = (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError,
                             ConnectionAbortedError)
+
+
+class RunControl:
+    """Rate control of one run's fan-out: concurrency, an error budget, batches, cancel.
+
+    max_concurrency: hosts in flight at once (None: max_parallel); max_errors: errors
+    allowed before no new host starts (None: no limit; an error is any row whose
+    row_state is not "ok", a non-zero exit included); batch_wait: seconds between
+    batches of max_concurrency hosts (0: a rolling window instead of batches).
+    Hosts already running when the budget trips, or when cancel() is called, finish;
+    the hosts not started yet get a "skipped" row with the reason.
+    """
+
+    def __init__(self, *, max_concurrency: int | None = None, max_errors: int | None = None,
+                 batch_wait: float = 0.0) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_errors = max_errors
+        self.batch_wait = float(batch_wait or 0.0)
+        self.errors = 0
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Start no further host."""
+        self.cancelled = True
+
+    def refusal(self) -> str:
+        """Why the next host must not start, or "" when it may."""
+        if self.cancelled:
+            return "skipped: the run was cancelled before this host started"
+        if self.max_errors is not None and self.errors > self.max_errors:
+            return ("skipped: the error budget was exceeded (%d errors, max_errors %d) before "
+                    "this host started" % (self.errors, self.max_errors))
+        return ""
+
+    def count(self, row: dict) -> None:
+        """Count a finished row against the error budget."""
+        if row_state(row) not in ("ok", "skipped"):
+            self.errors += 1
+
+
+def row_state(row: dict) -> str:
+    """The honest state of one result row (HOST_STATES), from the fields the engine wrote.
+
+    ok: exit 0; failed: any other exit, a refusal or an agent error; timed_out: the run
+    timeout killed it; unreachable: never connected (down, refused, TLS, unknown name);
+    no_reply: connected but no answer in time; cancelled / skipped / lost: as marked.
+    An async submit row counts as ok when accepted.
+    """
+    status = row.get("status")
+    if status in ("cancelled", "skipped", "lost"):
+        return status
+    if row.get("cancelled"):
+        return "cancelled"
+    if row.get("timed_out"):
+        return "timed_out"
+    if status in ("accepted", "running"):
+        return "ok"
+    error = row.get("error") or ""
+    if row.get("exit") == 0 and not error:
+        return "ok"
+    if error.startswith(_UNREACHED_PREFIXES):
+        return "unreachable"
+    if error.startswith(_NO_REPLY_PREFIXES):
+        return "no_reply"
+    return "failed"
 
 
 class EngineError(Exception):
@@ -127,7 +200,7 @@ class Engine:
 
     def dispatch_all(self, targets: list, *, script: str, args: list, reqid: str, username: str = "",
                      token: str = "", timeout: int | None = None, async_: bool = False,
-                     on_event=None) -> list:
+                     on_event=None, control: RunControl | None = None) -> list:
         """POST /run to every target: sync, async (detached) or streamed.
 
         Args:
@@ -137,6 +210,8 @@ class Engine:
             on_event: callable(dict) => streaming; called from many greenlets with
                 {"event":"stdout"|"stderr","host","data"} as output arrives and
                 {"event":"exit","host","exit","rtt"[,"error"]} when a host is done.
+            control: RunControl (concurrency, error budget, batches, cancel); hosts it
+                does not start get {host, ..., status:"skipped", error} rows.
         Returns:
             sync/stream: [{host, script, exit, stdout, stderr, reqid, rtt[, truncated,
             timed_out, error, reported_hostname]} or {host, script, exit:-1, error, reqid, rtt}];
@@ -159,19 +234,20 @@ class Engine:
                 "run-async", targets,
                 lambda t: _submit_row(t, self._exchange(t, request, accept=(200, 202, 409)),
                                       script, reqid),
-                reqid=reqid, script=script)
+                reqid=reqid, script=script, control=control)
         if on_event is None:
             return self._fan_out(
                 "run", targets,
                 lambda t: _run_row(t, self._exchange(t, request, total_s=limit_s), script, reqid),
-                reqid=reqid, script=script)
+                reqid=reqid, script=script, control=control)
         # Streaming: without a run timeout the answer may take as long as the
         # script does, so read_timeout bounds the silence between events instead.
         total_s = None if timeout is None else limit_s
         return self._fan_out(
             "run", targets,
             lambda t: self._stream_one(t, request, script, reqid, on_event, limit_s, total_s),
-            reqid=reqid, script=script, on_row=lambda t, row: on_event(_exit_event(t, row)))
+            reqid=reqid, script=script, on_row=lambda t, row: on_event(_exit_event(t, row)),
+            control=control)
 
     def capabilities_all(self, targets: list) -> list:
         """GET /capabilities from every target.
@@ -202,13 +278,38 @@ class Engine:
                                                    reqid),
                              reqid=reqid)
 
+    def cancel_all(self, targets: list, *, reqid: str, grace: int = 5) -> list:
+        """POST /cancel {reqid, grace} to every target: kill that run's process group.
+
+        Returns:
+            [{host, status:"cancelled", signal:"TERM"|"KILL", rtt} / {host,
+              status:"not_running", rtt} / {host, status:"not_cancellable", error, rtt}
+              (an agent without /cancel: HTTP 404) / {host, status:"error", error, rtt}].
+        Raises:
+            EngineError: reqid does not match ^[A-Za-z0-9_-]{1,64}$.
+        """
+        if not isinstance(reqid, str) or not wire.RESULT_REQID_RE.match(reqid):
+            raise EngineError("reqid %r is not valid; ^[A-Za-z0-9_-]{1,64}$ is accepted" % (reqid,))
+        request = wire.encode_request("POST", "/cancel", {"reqid": reqid, "grace": int(grace)})
+        return self._fan_out("cancel", targets,
+                             lambda t: _cancel_row(t, self._exchange(
+                                 t, request, total_s=self.read_timeout + grace, accept=(200, 404))),
+                             reqid=reqid)
+
     # --- private ---
 
     def _fan_out(self, action: str, targets: list, one, *, reqid: str = "", script: str = "",
-                 on_row=None) -> list:
-        """Run ``one(target)`` for every target in a bounded pool; rows in request order."""
+                 on_row=None, control: RunControl | None = None) -> list:
+        """Run ``one(target)`` for every target in a bounded pool; rows in request order.
+
+        With a RunControl: at most max_concurrency at once (in batches batch_wait apart
+        when set), and a host is only started while the error budget holds.
+        """
         def guarded(target) -> dict:
-            if target.address is None:
+            refusal = control.refusal() if control is not None else ""
+            if refusal:
+                row = _skipped_row(action, target, refusal, reqid, script)
+            elif target.address is None:
                 # Never dialled, never resolved: an unknown name must not reach DNS.
                 row = _failure_row(action, target, "unknown agent '%s' (not paired)" % target.name,
                                    "0ms", reqid, script)
@@ -220,6 +321,8 @@ class Engine:
                                     REQID=reqid or "(none)", ERROR="%s: %s" % (type(exc).__name__, exc))
                     row = _failure_row(action, target, "internal error talking to the agent",
                                        "0ms", reqid, script)
+            if control is not None and not refusal:
+                control.count(row)
             self._log_row(action, target, row, reqid, script)
             if on_row is not None:
                 try:
@@ -231,8 +334,18 @@ class Engine:
 
         if not targets:
             return []
-        pool = gevent.pool.Pool(self.max_parallel)
-        return pool.map(guarded, targets)
+        size = self.max_parallel
+        if control is not None and control.max_concurrency:
+            size = max(1, min(size, int(control.max_concurrency)))
+        pool = gevent.pool.Pool(size)
+        if control is None or not control.batch_wait:
+            return pool.map(guarded, targets)
+        rows = []
+        for first in range(0, len(targets), size):
+            if first:
+                gevent.sleep(control.batch_wait)
+            rows.extend(pool.map(guarded, targets[first:first + size]))
+        return rows
 
     def _exchange(self, target, request: bytes, *, total_s: float | None = None,
                   idle_s: float | None = None, stream_cb=None, accept: tuple = (200,)):
@@ -522,6 +635,30 @@ def _decode(raw: bytes) -> dict:
     if not isinstance(value, dict):
         raise _BadAnswer("invalid JSON response")
     return value
+
+
+def _skipped_row(action: str, target, reason: str, reqid: str, script: str) -> dict:
+    """The row of a host a RunControl did not start."""
+    row = _failure_row(action, target, reason, "0ms", reqid, script)
+    row["status"] = "skipped"
+    return row
+
+
+def _cancel_row(target, answer) -> dict:
+    """Cancel row from an agent answer (404 = an agent that does not know /cancel)."""
+    if answer.error:
+        return {"host": target.entry, "status": "error", "error": answer.error, "rtt": answer.rtt}
+    if answer.status == 404:
+        return {"host": target.entry, "status": "not_cancellable", "rtt": answer.rtt,
+                "error": "this agent cannot cancel runs (no /cancel; upgrade the agent)"}
+    status = answer.body.get("status")
+    if status == "cancelled":
+        return {"host": target.entry, "status": "cancelled", "rtt": answer.rtt,
+                "signal": str(answer.body.get("signal") or "TERM")}
+    if status == "not_running":
+        return {"host": target.entry, "status": "not_running", "rtt": answer.rtt}
+    return {"host": target.entry, "status": "error", "rtt": answer.rtt,
+            "error": "invalid cancel answer from agent (status %r)" % (status,)}
 
 
 def _failure_row(action: str, target, error: str, rtt: str, reqid: str, script: str) -> dict:

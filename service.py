@@ -22,6 +22,7 @@ __all__ = [
     "Denied",
     "NotFound",
     "RunNotTracked",
+    "RunFinished",
     "RunPlan",
     "Service",
     "NO_BODY",
@@ -31,11 +32,15 @@ __all__ = [
     "validate_run",
     "validate_ping",
     "validate_discovery",
+    "validate_runs_query",
+    "validate_cancel",
+    "summary_of",
     "denial_body",
 ]
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -43,6 +48,7 @@ import ujson
 
 import auth
 import ctrlexec_agent as wire
+import engine as engine_mod
 import store as store_mod
 
 # --- constants -------------------------------------------------------------------
@@ -52,6 +58,19 @@ MAX_ARGS = 256
 HOSTS_DETAIL = "hosts must be a non-empty array of host names"
 SCRIPT_DETAIL = "script name required (letters, digits, '_' and '-' only)"
 ARGS_DETAIL = "args must be an array of strings"
+TARGETS_DETAIL = ('targets must be an object {"tags": {"<key>": "<value>" or ["<value>", ...]}} '
+                  'with at least one tag')
+CONCURRENCY_DETAIL = 'max_concurrency must be a positive integer or a percentage such as "10%"'
+ERRORS_DETAIL = 'max_errors must be a non-negative integer or a percentage such as "5%"'
+BATCH_WAIT_DETAIL = "batch_wait must be a number of seconds from 0 to 3600"
+#: Percentages of max_concurrency / max_errors: "<1-3 digits>%".
+_PERCENT_RE = re.compile(r"([0-9]{1,3})%")
+#: GET /runs: default and largest page, and how many newest records are looked at.
+RUNS_PAGE_DEFAULT = 50
+RUNS_PAGE_MAX = 500
+RUNS_SCAN_MAX = 5000
+#: The states GET /runs filters on (a run is in a state when one of its hosts is).
+RUN_STATES = engine_mod.HOST_STATES + ("pending",)
 #: How a run was asked for (recorded in the dispatch log line).
 RUN_MODES = ("sync", "async", "stream", "websocket", "follow")
 
@@ -106,6 +125,14 @@ class RunNotTracked(ServiceError):
 
 # --- request validation (pure; SPEC §6 order) ----------------------------------------
 
+class RunFinished(ServiceError):
+    """A cancel of a run that has already finished (the API answers 409)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 def parse_body(raw: bytes) -> Any:
     """Decode a request body: NO_BODY when empty, INVALID_JSON when not JSON, else the value."""
     if not raw or not raw.strip():
@@ -120,11 +147,14 @@ def validate_run(body: Any, *, max_hosts: int) -> dict:
     """Validate a run request (a POST /run body, or the CLI's words put in that shape).
 
     Returns: {"hosts": [..deduplicated, in order..], "script", "args": [...], "username",
-        "token", "async": bool, "stream": bool, "timeout": int | None}.
+        "token", "async": bool, "stream": bool, "timeout": int | None, "targets":
+        {"tags": {...}} | None, "max_concurrency" / "max_errors": int | "N%" | None,
+        "batch_wait": float}. With targets, hosts may be left out (then []).
     Raises: BadRequest(detail) with the SPEC's exact detail text, checks in SPEC order.
     """
     obj = _require_object(body)
-    hosts = _validate_hosts(obj, max_hosts=max_hosts)
+    targets = _validate_targets(obj)
+    hosts = _validate_hosts(obj, max_hosts=max_hosts) if "hosts" in obj or targets is None else []
     script = obj.get("script")
     if not isinstance(script, str) or not wire.SCRIPT_NAME_RE.fullmatch(script):
         raise BadRequest(SCRIPT_DETAIL)
@@ -154,7 +184,10 @@ def validate_run(body: Any, *, max_hosts: int) -> dict:
         raise BadRequest("async and stream cannot be combined (use one of them)")
     return {"hosts": hosts, "script": script, "args": list(args), "username": username,
             "token": token, "async": flags["async"], "stream": flags["stream"],
-            "timeout": timeout}
+            "timeout": timeout, "targets": targets,
+            "max_concurrency": _validate_amount(obj, "max_concurrency", CONCURRENCY_DETAIL, 1),
+            "max_errors": _validate_amount(obj, "max_errors", ERRORS_DETAIL, 0),
+            "batch_wait": _validate_batch_wait(obj)}
 
 
 def validate_ping(body: Any, *, max_hosts: int) -> dict:
@@ -164,9 +197,10 @@ def validate_ping(body: Any, *, max_hosts: int) -> dict:
     Raises: BadRequest(detail).
     """
     obj = _require_object(body)
-    hosts = _validate_hosts(obj, max_hosts=max_hosts)
+    targets = _validate_targets(obj)
+    hosts = _validate_hosts(obj, max_hosts=max_hosts) if "hosts" in obj or targets is None else []
     username, token = _validate_credentials(obj)
-    return {"hosts": hosts, "username": username, "token": token}
+    return {"hosts": hosts, "username": username, "token": token, "targets": targets}
 
 
 def validate_discovery(body: Any, *, max_hosts: int) -> dict:
@@ -176,11 +210,59 @@ def validate_discovery(body: Any, *, max_hosts: int) -> dict:
     Raises: BadRequest(detail): invalid JSON, not an object, hosts [] or not an array.
     """
     if body is NO_BODY:
-        return {"hosts": None, "username": "", "token": ""}
+        return {"hosts": None, "username": "", "token": "", "targets": None}
     obj = _require_object(body)
+    targets = _validate_targets(obj)
     hosts = _validate_hosts(obj, max_hosts=max_hosts) if "hosts" in obj else None
+    if targets is not None and hosts is None:
+        hosts = []
     username, token = _validate_credentials(obj)
-    return {"hosts": hosts, "username": username, "token": token}
+    return {"hosts": hosts, "username": username, "token": token, "targets": targets}
+
+
+def validate_cancel(body: Any) -> dict:
+    """Validate an optional cancel request body.
+
+    Returns: {"grace": int (1-60, default 5), "username": str, "token": str}.
+    Raises: BadRequest(detail).
+    """
+    if body is NO_BODY:
+        return {"grace": 5, "username": "", "token": ""}
+    obj = _require_object(body)
+    grace = obj.get("grace", 5)
+    if isinstance(grace, bool) or not isinstance(grace, int) or not 1 <= grace <= 60:
+        raise BadRequest("grace must be an integer number of seconds from 1 to 60")
+    username, token = _validate_credentials(obj)
+    return {"grace": grace, "username": username, "token": token}
+
+
+def validate_runs_query(query: dict) -> dict:
+    """Validate GET /runs filters (all optional, strings as in a query string).
+
+    Returns: {"script", "host", "user", "state": str | None, "since": float | None,
+        "limit": int, "offset": int}.
+    Raises: BadRequest(detail) naming the parameter and what it accepts.
+    """
+    out = {key: (query.get(key) or None) for key in ("script", "host", "user", "state")}
+    if out["state"] is not None and out["state"] not in RUN_STATES:
+        raise BadRequest("state must be one of %s" % ", ".join(RUN_STATES))
+    since = query.get("since")
+    try:
+        out["since"] = float(since) if since not in (None, "") else None
+    except ValueError:
+        raise BadRequest("since must be a Unix time in seconds (e.g. 1733450000)") from None
+    for key, default, high in (("limit", RUNS_PAGE_DEFAULT, RUNS_PAGE_MAX),
+                               ("offset", 0, RUNS_SCAN_MAX)):
+        text = query.get(key)
+        if text in (None, ""):
+            out[key] = default
+            continue
+        if not str(text).isdigit() or not (key == "offset" or 1 <= int(text)) \
+                or int(text) > high:
+            raise BadRequest("%s must be an integer from %d to %d"
+                             % (key, 1 if key == "limit" else 0, high))
+        out[key] = int(text)
+    return out
 
 
 def denial_body(decision: Any, *, generic: bool = False) -> dict:
@@ -212,6 +294,10 @@ class RunPlan:
     mode: str
     timeout: Optional[int] = None
     token: str = dataclasses.field(default="", repr=False)
+    targets: Optional[dict] = None
+    max_concurrency: Any = None
+    max_errors: Any = None
+    batch_wait: float = 0.0
 
     @property
     def submitter(self) -> dict:
@@ -245,6 +331,8 @@ class Service:
         self._warn = warn
         #: This API node's id while it renews its liveness lease (store.nodes), else None.
         self.node = node
+        #: reqid -> engine.RunControl of the sync / stream runs dispatching in this process.
+        self._active: dict = {}
 
     # --- auth ---
 
@@ -268,11 +356,35 @@ class Service:
         if mode not in RUN_MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(RUN_MODES), mode))
         reqid = wire.new_reqid()
+        hosts = self.target_hosts(req)
         self.authorise("run", source_ip=source_ip, username=req["username"], token=req["token"],
-                       script=req["script"], hosts=req["hosts"], args=req["args"], reqid=reqid)
-        return RunPlan(reqid=reqid, hosts=tuple(req["hosts"]), script=req["script"],
+                       script=req["script"], hosts=hosts, args=req["args"], reqid=reqid)
+        return RunPlan(reqid=reqid, hosts=tuple(hosts), script=req["script"],
                        args=tuple(req["args"]), username=req["username"], source_ip=source_ip,
-                       mode=mode, timeout=req.get("timeout"), token=req["token"])
+                       mode=mode, timeout=req.get("timeout"), token=req["token"],
+                       targets=req.get("targets"), max_concurrency=req.get("max_concurrency"),
+                       max_errors=req.get("max_errors"), batch_wait=req.get("batch_wait") or 0.0)
+
+    def target_hosts(self, req: dict) -> list:
+        """The hosts of a validated request: its hosts, then the agents its tags select.
+
+        Tags match the registry's cached tags (kept current by discovery): every key
+        must match, a list value means any of. Duplicates collapse; order is the hosts
+        as given, then the matches by name.
+        Raises: BadRequest when the tags match no agent, or too many hosts result.
+        """
+        hosts = list(req.get("hosts") or [])
+        targets = req.get("targets")
+        if not targets:
+            return hosts
+        matched = [record["name"] for record in self.store.registry.list(targets["tags"])]
+        if not matched:
+            raise BadRequest("no registered agent matches targets.tags %s; discovery shows "
+                             "the fleet's tags" % ujson.dumps(targets["tags"], sort_keys=True))
+        hosts = list(dict.fromkeys(hosts + matched))
+        if len(hosts) > self.cfg.max_hosts:
+            raise BadRequest("too many hosts (max %d)" % self.cfg.max_hosts)
+        return hosts
 
     def run(self, plan: RunPlan, *, on_event: Optional[Callable] = None) -> list:
         """Run a plan to completion (sync, stream, follow): locks, dispatch, record, events.
@@ -293,15 +405,20 @@ class Service:
             emit = log.forwarder(on_event)
             emit({"event": "start", "reqid": plan.reqid, "script": plan.script,
                   "hosts": list(plan.hosts)})
-            results = self.engine.dispatch_all(targets, on_event=emit if on_event else None,
-                                               **self._dispatch(plan))
+            control = self._control(plan)
+            self._active[plan.reqid] = control
+            try:
+                results = self.engine.dispatch_all(targets, on_event=emit if on_event else None,
+                                                   control=control, **self._dispatch(plan))
+            finally:
+                self._active.pop(plan.reqid, None)
+            results = _with_states(results)
             if on_event is None:
                 log.append(_result_events(results))
         record = store_mod.sync_record(reqid=plan.reqid, script=plan.script,
                                        hosts=list(plan.hosts), results=results,
                                        submitter=plan.submitter)
-        if held.fencing is not None:
-            record["fencing"] = held.fencing
+        self._annotate(record, plan, held)
         self.save(record)
         _log_run_done(plan.reqid, plan.script, results)
         emit({"event": "done", "ok": True, "reqid": plan.reqid, "results": results})
@@ -331,10 +448,10 @@ class Service:
             log.open(self._meta(plan, deadline=None))
             log.append([{"event": "start", "reqid": plan.reqid, "script": plan.script,
                          "hosts": list(plan.hosts), "async": True}])
-            results = self.engine.dispatch_all(targets, async_=True, **self._dispatch(plan))
+            results = self.engine.dispatch_all(targets, async_=True, control=self._control(plan),
+                                               **self._dispatch(plan))
         record = self._async_record(plan, results)
-        if held.fencing is not None:
-            record["fencing"] = held.fencing
+        self._annotate(record, plan, held)
         if self.save(record) and not record.get("complete"):
             self._track(plan.reqid, pending=True)
         log.append(_settled_events(plan.reqid, {}, record))
@@ -391,6 +508,61 @@ class Service:
             return iter(_replayed(record, after))
         return self._follow(reqid, after, meta)
 
+    def cancel(self, reqid: str, *, source_ip: str, token: str = "", username: str = "",
+               grace: int = 5) -> dict:
+        """Cancel a running run from any node: no new host starts, the agents kill it.
+
+        Authorised with action cancel and the run's script and hosts (whoever may run that
+        script on those hosts may cancel it), then: hosts not started yet are skipped
+        (when this process dispatches the run), every host is asked to kill the run's
+        process group (TERM, then KILL after ``grace`` seconds), and an async record is
+        refreshed so its rows say "cancelled".
+        Returns: {"ok": true, "reqid", "results": engine.cancel_all rows}.
+        Raises: NotFound, RunFinished (nothing left to cancel), Denied.
+        """
+        meta = self.store.events.meta(reqid)
+        record = self.store.runs.load(reqid)
+        if meta is None and record is None:
+            raise NotFound("no run with reqid %s (unknown, or older than the retention)" % reqid)
+        if record is not None and record.get("complete"):
+            raise RunFinished("run %s has already finished; there is nothing to cancel (its "
+                              "results: GET /status/%s)" % (reqid, reqid))
+        owner = record if record is not None else meta
+        submitter = owner.get("submitter") if isinstance(owner.get("submitter"), dict) else None
+        hosts = [h for h in owner.get("hosts") or [] if isinstance(h, str)]
+        self.authorise("cancel", source_ip=source_ip, username=username, token=token,
+                       reqid=reqid, script=owner.get("script") or "", hosts=hosts,
+                       submitter=submitter)
+        control = self._active.get(reqid)
+        if control is not None:
+            control.cancel()
+        wire.log_action("info", "cancel", reqid=reqid, hosts=len(hosts),
+                        user=username or "(none)", peer=source_ip)
+        rows = self.engine.cancel_all(self.store.registry.resolve(hosts), reqid=reqid,
+                                      grace=grace)
+        if record is not None and record.get("mode") == "async":
+            self.refresh(record)
+        return {"ok": True, "reqid": reqid, "results": rows}
+
+    def list_runs(self, query: dict, *, source_ip: str, token: str = "",
+                  username: str = "") -> dict:
+        """Recent runs, newest first, filtered and paginated (action status).
+
+        Args: query as returned by validate_runs_query.
+        Returns: {"ok": true, "runs": [{reqid, script, mode, hosts, user, complete,
+            completed, summary}], "next_offset": int | None}.
+        """
+        self.authorise("status", source_ip=source_ip, username=username, token=token)
+        matched = []
+        for record in self.store.runs.recent(since=query["since"] or 0.0, limit=RUNS_SCAN_MAX):
+            entry = _run_entry(record)
+            if _run_matches(entry, record, query):
+                matched.append(entry)
+        first, limit = query["offset"], query["limit"]
+        page = matched[first:first + limit]
+        more = first + limit < len(matched)
+        return {"ok": True, "runs": page, "next_offset": first + limit if more else None}
+
     def refresh(self, record: dict) -> dict:
         """Ask the hosts of an async record that are still pending for their results.
 
@@ -414,7 +586,9 @@ class Service:
                 if got is not None and row.get("status") in store_mod.PENDING_STATES:
                     row = _merged_row(row, got)
                 merged.append(row)
-            return store_mod.settle_async(dict(current, results=merged))
+            settled = store_mod.settle_async(dict(current, results=merged))
+            settled["summary"] = summary_of(settled["results"])
+            return settled
 
         seen = {}
 
@@ -494,9 +668,10 @@ class Service:
         Raises: Denied.
         """
         reqid = wire.new_reqid()
+        hosts = self.target_hosts(req)
         self.authorise("ping", source_ip=source_ip, username=req["username"], token=req["token"],
-                       hosts=req["hosts"], reqid=reqid)
-        targets = self.store.registry.resolve(req["hosts"])
+                       hosts=hosts, reqid=reqid)
+        targets = self.store.registry.resolve(hosts)
         return reqid, self.engine.ping_all(targets, reqid=reqid)
 
     def discovery(self, req: dict, *, source_ip: str) -> dict:
@@ -507,6 +682,8 @@ class Service:
         Raises: Denied.
         """
         entries = req["hosts"]
+        if req.get("targets"):
+            entries = self.target_hosts(req)
         self.authorise("ping", source_ip=source_ip, username=req["username"], token=req["token"],
                        hosts=entries or ())
         if entries is None:
@@ -573,6 +750,28 @@ class Service:
                        "detail": "the node running reqid %s stopped reporting before the run "
                                  "finished" % reqid}
                 return
+
+    def _control(self, plan: RunPlan) -> engine_mod.RunControl:
+        """The engine's rate control for a plan (percentages resolved against its hosts)."""
+        hosts = len(plan.hosts)
+        return engine_mod.RunControl(
+            max_concurrency=_amount(plan.max_concurrency, hosts, round_up=True),
+            max_errors=_amount(plan.max_errors, hosts, round_up=False),
+            batch_wait=plan.batch_wait)
+
+    def _annotate(self, record: dict, plan: RunPlan, held: Any) -> None:
+        """What a record keeps beside the seed's fields: summary, targets, rate control,
+        the lock grant's fencing number."""
+        record["summary"] = summary_of(record.get("results") or [])
+        if plan.targets:
+            record["targets"] = plan.targets
+        for field in ("max_concurrency", "max_errors"):
+            if getattr(plan, field) is not None:
+                record[field] = getattr(plan, field)
+        if plan.batch_wait:
+            record["batch_wait"] = plan.batch_wait
+        if held.fencing is not None:
+            record["fencing"] = held.fencing
 
     def _take_over(self, reqid: str, owner: Optional[str]) -> Optional[dict]:
         """Make this node the owner of a run, unless another node was quicker."""
@@ -700,6 +899,80 @@ def _validate_credentials(obj: dict) -> tuple:
     return tuple(values)
 
 
+def _validate_targets(obj: dict) -> Optional[dict]:
+    """targets {"tags": {key: value | [values]}} or None when absent / null."""
+    targets = obj.get("targets")
+    if targets is None:
+        return None
+    tags = targets.get("tags") if isinstance(targets, dict) else None
+    if not isinstance(tags, dict) or not tags or set(targets) - {"tags"}:
+        raise BadRequest(TARGETS_DETAIL)
+    out = {}
+    for key, value in tags.items():
+        values = value if isinstance(value, list) else [value]
+        if not (isinstance(key, str) and key and values
+                and all(isinstance(v, str) and v and _is_text(v) for v in values)):
+            raise BadRequest(TARGETS_DETAIL)
+        out[key] = list(values) if isinstance(value, list) else value
+    return {"tags": out}
+
+
+def _validate_amount(obj: dict, field: str, detail: str, low: int) -> Any:
+    """A count (integer >= low) or a percentage "N%" (low..100), or None when absent."""
+    value = obj.get(field)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= low:
+        return value
+    if isinstance(value, str):
+        match = _PERCENT_RE.fullmatch(value.strip())
+        if match and low <= int(match.group(1)) <= 100:
+            return "%d%%" % int(match.group(1))
+    raise BadRequest(detail)
+
+
+def _validate_batch_wait(obj: dict) -> float:
+    """Seconds between batches, 0-3600 (0 when absent)."""
+    value = obj.get("batch_wait")
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3600:
+        raise BadRequest(BATCH_WAIT_DETAIL)
+    return float(value)
+
+
+def _amount(value: Any, hosts: int, *, round_up: bool) -> Optional[int]:
+    """A count from an amount: an integer as it is, "N%" of hosts rounded up (concurrency,
+    at least 1) or down (errors)."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    share = hosts * int(value[:-1]) / 100.0
+    return max(1, math.ceil(share)) if round_up else math.floor(share)
+
+
+def summary_of(rows: list) -> dict:
+    """Counts of the honest host states (engine.HOST_STATES) plus "pending" (async rows
+    not settled yet): the top-level summary of a run result and a record."""
+    counts = dict.fromkeys(engine_mod.HOST_STATES + ("pending",), 0)
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        if row.get("status") in store_mod.PENDING_STATES:
+            counts["pending"] += 1
+        else:
+            counts[engine_mod.row_state(row)] += 1
+    return counts
+
+
+def _with_states(rows: list) -> list:
+    """Sync / stream rows with their honest "status" (engine.row_state)."""
+    return [dict(row, status=engine_mod.row_state(row)) for row in rows]
+
+
 def _is_text(value: Any) -> bool:
     """A str that encodes as UTF-8 (JSON allows lone surrogates like "\\ud800"; the wire cannot)."""
     if not isinstance(value, str):
@@ -717,6 +990,8 @@ def _merged_row(row: dict, got: dict) -> dict:
     if status == "done":
         done = {key: value for key, value in got.items() if key != "reqid"}
         done["host"] = row["host"]
+        if done.get("cancelled"):
+            done["status"] = "cancelled"
         return done
     if status == "running":
         return {key: value for key, value in dict(row, status="running").items()
@@ -809,6 +1084,34 @@ def _replayed(record: dict, after: Optional[str]) -> list:
     start = 0 if after is None else int(after.split("-", 1)[0])
     return [dict(event, id="%d-0" % number) for number, event in enumerate(events, 1)
             if number > start]
+
+
+def _run_entry(record: dict) -> dict:
+    """One GET /runs entry of a stored record."""
+    submitter = record.get("submitter") if isinstance(record.get("submitter"), dict) else {}
+    rows = record.get("results") or []
+    return {"reqid": record.get("reqid"), "script": record.get("script"),
+            "mode": record.get("mode"), "hosts": list(record.get("hosts") or []),
+            "user": submitter.get("username") or "", "complete": bool(record.get("complete")),
+            "completed": record.get("completed"),
+            "summary": record.get("summary") or summary_of(rows)}
+
+
+def _run_matches(entry: dict, record: dict, query: dict) -> bool:
+    """Does a run pass GET /runs' filters?"""
+    if query["script"] and entry["script"] != query["script"]:
+        return False
+    if query["host"] and query["host"] not in entry["hosts"]:
+        return False
+    if query["user"] and entry["user"] != query["user"]:
+        return False
+    if query["state"] and not entry["summary"].get(query["state"]):
+        return False
+    written = record.get("completed") or record.get("submitted")
+    if query["since"] is not None and isinstance(written, (int, float)) \
+            and written < query["since"]:
+        return False
+    return True
 
 
 def _log_run_done(reqid: str, script: str, results: list) -> None:

@@ -250,6 +250,9 @@ class RunBackend(Protocol):
     def purge(self, max_age_s: float) -> int:
         """Delete records older than max_age_s (and dead writers' debris); return how many."""
 
+    def recent(self, since: float, limit: int) -> list:
+        """Reqids written since ``since`` (epoch), newest first, at most limit."""
+
 
 class LockBackend(Protocol):
     """Where host+script locks live. Names and script are non-empty strings."""
@@ -299,10 +302,11 @@ class Registry:
         return sorted(n for n in self.backend.names() if valid_agent_name(n))
 
     def list(self, tags: dict | None = None) -> list:
-        """Return records (each with an added "name") whose tags match every given tag exactly.
+        """Return records (each with an added "name") whose tags match every given tag.
 
         Args:
-            tags: {"role": "web"} -> only agents with tags.role == "web"; None/{} -> all.
+            tags: {"role": "web"} -> only agents with tags.role == "web"; a list value
+                means any of ({"role": ["web", "db"]}); None/{} -> all.
         Returns:
             [{"name", "hostname", "ip", "port", "lookup_by", "tags", ...}] sorted by name.
             Corrupt records are skipped and logged (ACTION=registry-corrupt).
@@ -317,7 +321,8 @@ class Registry:
             if record is None:          # unpaired since names() ran
                 continue
             have = record.get("tags") if isinstance(record.get("tags"), dict) else {}
-            if all(have.get(k) == v for k, v in (tags or {}).items()):
+            if all(have.get(k) in v if isinstance(v, (list, tuple)) else have.get(k) == v
+                   for k, v in (tags or {}).items()):
                 out.append(dict(record, name=name))
         return out
 
@@ -533,6 +538,21 @@ class RunStore:
     def purge(self) -> int:
         """Delete records older than the retention; return how many records."""
         return self.backend.purge(self.retention_s)
+
+    def recent(self, *, since: float = 0.0, limit: int = 1000) -> list:
+        """The newest records (at most limit, written since ``since``), newest first;
+        unreadable or expired ones are left out."""
+        out = []
+        for reqid in self.backend.recent(since, limit):
+            if not RUN_REQID_RE.fullmatch(reqid):
+                continue
+            try:
+                record = self.load(reqid)
+            except CorruptRecord:
+                continue
+            if record is not None:
+                out.append(record)
+        return out
 
     def track_pending(self, reqid: str) -> None:
         """Note an async run as pending (shared backends: the reapers' work list)."""
@@ -828,6 +848,21 @@ class FileRunBackend(_FileRecords):
             except OSError as exc:
                 wire.log_action("err", "run-store-fail", FILE=entry.name, ERROR=exc.strerror)
         return count
+
+    def recent(self, since: float = 0.0, limit: int = 1000) -> list:
+        """Reqids of records written since ``since`` (epoch), newest first (by mtime)."""
+        found = []
+        for entry in self._listdir():
+            if not entry.name.endswith(".json"):
+                continue
+            try:
+                written = entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            if written >= since:
+                found.append((written, entry.name[:-5]))
+        found.sort(reverse=True)
+        return [reqid for _, reqid in found[:limit]]
 
 
 class FileLockBackend:

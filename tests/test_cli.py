@@ -331,15 +331,17 @@ def test_run_reports_down_unregistered_and_slow_hosts_inline(fleet):
     assert rows["down-01"]["exit"] == -1 and "connection refused" in rows["down-01"]["error"]
     assert rows["ghost-01"] == {"host": "ghost-01", "script": "probe", "exit": -1, "stdout": "", "stderr": "",
                                 "error": "unknown agent 'ghost-01' (not paired)",
-                                "reqid": data["reqid"], "rtt": "0ms"}
+                                "reqid": data["reqid"], "rtt": "0ms", "status": "unreachable"}
     assert rows["slow-01"]["exit"] == -1 and rows["slow-01"]["error"] == "read timeout after 2s"
+    assert [rows[h]["status"] for h in ("good-01", "down-01", "slow-01")] == \
+        ["ok", "unreachable", "no_reply"]
     assert elapsed < 20  # in parallel: bounded by the one read timeout, not the sum
 
     human = cli(fleet.conf_path, "run", "good-01", "ghost-01", "probe", "--", "y")
     assert human.returncode == 1
     assert re.search(r"^==> good-01  OK  exit:0  \d+ms  req:[0-9a-f]{16}$", human.stdout, re.M)
     assert "probe y\n" in human.stdout
-    assert re.search(r"^==> ghost-01  FAIL  exit:-1  0ms  req:[0-9a-f]{16}$", human.stdout, re.M)
+    assert re.search(r"^==> ghost-01  FAIL  exit:-1  0ms  req:[0-9a-f]{16}  UNREACHABLE$", human.stdout, re.M)
     assert "ERROR: unknown agent 'ghost-01' (not paired)" in human.stdout
 
 
