@@ -364,19 +364,51 @@ def _build_run(parser: argparse.ArgumentParser) -> None:
     # An integer here; whether it is a valid run timeout is service.validate_run's word.
     parser.add_argument("--timeout", type=_integer, default=None,
                         help="seconds after which the agent kills the script")
+    _add_targets(parser)
+    parser.add_argument("--max-concurrency", metavar="N|P%", default=None,
+                        help="hosts in flight at once (a number or a percentage, rounded up)")
+    parser.add_argument("--max-errors", metavar="N|P%", default=None,
+                        help="errors (non-zero exits included) allowed before no new host "
+                             "starts (a number or a percentage, rounded down)")
+    parser.add_argument("--batch-wait", metavar="SECONDS", type=float, default=None,
+                        help="pause between batches of --max-concurrency hosts")
+    parser.add_argument("--cancel-on-interrupt", action="store_true",
+                        help="Ctrl-C cancels the run on the agents without asking")
     _add_credentials(parser)
 
 
+def _add_targets(parser: argparse.ArgumentParser) -> None:
+    """--tags k=v[,k=v...] (a value a|b means any of): select agents by tag."""
+    parser.add_argument("--tags", metavar="k=v,...", default="",
+                        help="agents whose tags match all of these (k=a|b: any of a, b)")
+
+
 def _build_hosts(parser: argparse.ArgumentParser) -> None:
-    """HOST... (at least one) plus credentials (ping)."""
-    parser.add_argument("hosts", nargs="+", metavar="HOST")
+    """[HOST...] [--tags ...] plus credentials (ping)."""
+    parser.add_argument("hosts", nargs="*", metavar="HOST")
+    _add_targets(parser)
     _add_credentials(parser)
 
 
 def _build_discovery(parser: argparse.ArgumentParser) -> None:
-    """[HOST...] plus credentials (discovery)."""
+    """[HOST...] [--tags ...] plus credentials (discovery)."""
     parser.add_argument("hosts", nargs="*", metavar="HOST")
+    _add_targets(parser)
     _add_credentials(parser)
+
+
+def _build_cancel(parser: argparse.ArgumentParser) -> None:
+    """cancel REQID [--grace N]."""
+    _build_reqid(parser)
+    parser.add_argument("--grace", type=_positive_int, default=5,
+                        help="seconds between TERM and KILL (1-60, default 5)")
+    _add_credentials(parser)
+
+
+def _build_runs(parser: argparse.ArgumentParser) -> None:
+    """runs [--script S] [--host H] [--user U] [--state ST] [--since EPOCH] [--limit N]."""
+    for name in ("script", "host", "user", "state", "since", "limit", "offset"):
+        parser.add_argument("--" + name, default=None)
 
 
 def _build_wait(parser: argparse.ArgumentParser) -> None:
@@ -384,6 +416,8 @@ def _build_wait(parser: argparse.ArgumentParser) -> None:
     _build_reqid(parser)
     parser.add_argument("--timeout", type=_positive_int, default=WAIT_TIMEOUT_S,
                         help="seconds to wait (default %d)" % WAIT_TIMEOUT_S)
+    parser.add_argument("--cancel-on-interrupt", action="store_true",
+                        help="Ctrl-C cancels the run on the agents without asking")
 
 
 # --- PKI and registry commands ---
@@ -545,13 +579,22 @@ def _cmd_run(ctx: _Context) -> int:
     if args.async_ and args.follow:
         raise _usage("--async and --follow cannot be combined (use one of them)")
     words = args.words
-    if len(words) < 2:
-        raise _usage("run needs at least one HOST and then a SCRIPT: "
+    if len(words) < (1 if args.tags else 2):
+        raise _usage("run needs at least one HOST (or --tags) and then a SCRIPT: "
                      "run HOST... SCRIPT [-- ARGS...]")
-    fields = {"hosts": words[:-1], "script": words[-1], "args": list(args.script_args),
-              "async": bool(args.async_)}
+    fields = {"script": words[-1], "args": list(args.script_args), "async": bool(args.async_)}
+    if words[:-1] or not args.tags:
+        fields["hosts"] = words[:-1]
+    if args.tags:
+        fields["targets"] = {"tags": _tag_selector(args.tags)}
     if args.timeout is not None:
         fields["timeout"] = args.timeout
+    for name in ("max_concurrency", "max_errors"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = int(value) if value.isdigit() else value
+    if args.batch_wait is not None:
+        fields["batch_wait"] = args.batch_wait
     req = service_mod.validate_run(ctx.request(**fields), max_hosts=ctx.cfg.max_hosts)
     mode = "async" if args.async_ else "follow" if args.follow else "sync"
     runs = ctx.service()
@@ -565,6 +608,9 @@ def _cmd_run(ctx: _Context) -> int:
     listener = follower or progress
     try:
         results = runs.run(plan, on_event=listener.event if listener is not None else None)
+    except KeyboardInterrupt:
+        _offer_cancel(ctx, plan.reqid)
+        raise
     finally:
         if progress is not None:
             progress.clear()
@@ -585,7 +631,8 @@ def _cmd_run(ctx: _Context) -> int:
 
 def _cmd_ping(ctx: _Context) -> int:
     """ping HOST...: table HOST/STATUS/RTT/CERT EXPIRY/VERSION."""
-    req = service_mod.validate_ping(ctx.request(hosts=ctx.args.hosts), max_hosts=ctx.cfg.max_hosts)
+    req = service_mod.validate_ping(ctx.request(**_host_fields(ctx.args)),
+                                    max_hosts=ctx.cfg.max_hosts)
     reqid, results = ctx.service().ping(req, source_ip=CLI_SOURCE_IP)
     ok = all(row.get("status") == "ok" for row in results)
     if ctx.json:
@@ -602,7 +649,8 @@ def _cmd_ping(ctx: _Context) -> int:
 
 def _cmd_discovery(ctx: _Context) -> int:
     """discovery [HOST...]: scripts and tags per agent; caches tags in the registry."""
-    body = ctx.request(hosts=ctx.args.hosts) if ctx.args.hosts else ctx.request()
+    body = ctx.request(**_host_fields(ctx.args)) if ctx.args.hosts or ctx.args.tags \
+        else ctx.request()
     req = service_mod.validate_discovery(body, max_hosts=ctx.cfg.max_hosts)
     out = ctx.service().discovery(req, source_ip=CLI_SOURCE_IP)
     if not out:
@@ -643,6 +691,15 @@ def _cmd_status(ctx: _Context) -> int:
 def _cmd_wait(ctx: _Context) -> int:
     """wait REQID: poll every 2 s; 0 complete and all ok, 1 complete with a failure, 2 timeout."""
     reqid = ctx.args.reqid
+    try:
+        return _wait_for(ctx, reqid)
+    except KeyboardInterrupt:
+        _offer_cancel(ctx, reqid)
+        raise
+
+
+def _wait_for(ctx: _Context, reqid: str) -> int:
+    """wait's loop (see _cmd_wait)."""
     deadline = time.monotonic() + ctx.args.timeout
     while True:
         record = _refreshed_record(ctx, reqid)
@@ -665,6 +722,84 @@ def _cmd_wait(ctx: _Context) -> int:
         _print_status(record)
         sys.stderr.write(message + "\n")
     return EXIT_USAGE       # reference §6.1: wait exits 2 when it times out
+
+
+def _cmd_cancel(ctx: _Context) -> int:
+    """cancel REQID: hosts not started are skipped, the agents kill the run (0 when every
+    host confirmed or was not running it any more, 1 otherwise)."""
+    username, token = ctx.credentials()
+    req = service_mod.validate_cancel({"grace": ctx.args.grace, "username": username,
+                                       "token": token})
+    try:
+        out = ctx.service().cancel(ctx.args.reqid, source_ip=CLI_SOURCE_IP,
+                                   username=req["username"], token=req["token"],
+                                   grace=req["grace"])
+    except service_mod.RunFinished as exc:
+        raise CliError(exc.detail, error="finished") from None
+    ok = all(row.get("status") in ("cancelled", "not_running") for row in out["results"])
+    if ctx.json:
+        _print_json(dict(out, ok=ok))
+    else:
+        _print_table(("HOST", "STATUS", "SIGNAL", "RTT"),
+                     [(row.get("host"), row.get("status"), row.get("signal") or "-",
+                       row.get("rtt")) for row in out["results"]])
+        for row in out["results"]:
+            if row.get("error"):
+                _out("ERROR %s: %s" % (row.get("host"), _safe(row["error"])))
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _cmd_runs(ctx: _Context) -> int:
+    """runs: recent runs, newest first (filters as GET /runs)."""
+    query = {name: getattr(ctx.args, name) for name in
+             ("script", "host", "user", "state", "since", "limit", "offset")}
+    username, token = ctx.credentials()
+    out = ctx.service().list_runs(service_mod.validate_runs_query(query),
+                                  source_ip=CLI_SOURCE_IP, username=username, token=token)
+    if ctx.json:
+        _print_json(out)
+        return EXIT_OK
+    if not out["runs"]:
+        _out("no runs")
+        return EXIT_OK
+    rows = []
+    for run in out["runs"]:
+        counts = ", ".join("%s %d" % (state, n) for state, n in run["summary"].items() if n)
+        when = (datetime.datetime.fromtimestamp(run["completed"], datetime.timezone.utc)
+                .strftime("%Y-%m-%d %H:%M:%SZ") if run.get("completed") else "running")
+        rows.append((run["reqid"], run["script"], run["mode"], len(run["hosts"]),
+                     run["user"] or "-", when, counts or "-"))
+    _print_table(("REQID", "SCRIPT", "MODE", "HOSTS", "USER", "COMPLETED", "STATES"), rows)
+    if out["next_offset"] is not None:
+        _out("more: runs --offset %d" % out["next_offset"])
+    return EXIT_OK
+
+
+def _offer_cancel(ctx: _Context, reqid: str) -> None:
+    """Ctrl-C during run --follow / wait: cancel the run on the agents if asked to."""
+    if not getattr(ctx.args, "cancel_on_interrupt", False):
+        if not (_isatty(sys.stdin) and _isatty(sys.stderr)):
+            sys.stderr.write("\ninterrupted; the run goes on (cancel it with: %s cancel %s)\n"
+                             % (PROG, reqid))
+            return
+        sys.stderr.write("\ncancel run %s on the agents? [y/N] " % reqid)
+        sys.stderr.flush()
+        try:
+            answer = sys.stdin.readline().strip().lower()
+        except KeyboardInterrupt:
+            answer = ""
+        if answer not in ("y", "yes"):
+            sys.stderr.write("the run goes on (cancel it with: %s cancel %s)\n" % (PROG, reqid))
+            return
+    username, token = ctx.credentials()
+    try:
+        out = ctx.service().cancel(reqid, source_ip=CLI_SOURCE_IP, username=username,
+                                   token=token)
+    except (service_mod.ServiceError, store_mod.StoreError) as exc:
+        sys.stderr.write("cancel of %s failed: %s\n" % (reqid, exc))
+        return
+    states = ", ".join("%s %s" % (row.get("host"), row.get("status")) for row in out["results"])
+    sys.stderr.write("cancelled %s: %s\n" % (reqid, states or "no host"))
 
 
 def _cmd_list_locks(ctx: _Context) -> int:
@@ -706,6 +841,8 @@ _COMMANDS = {
     "discovery": (_cmd_discovery, _build_discovery),
     "status": (_cmd_status, _build_reqid),
     "wait": (_cmd_wait, _build_wait),
+    "cancel": (_cmd_cancel, _build_cancel),
+    "runs": (_cmd_runs, _build_runs),
     "list-locks": (_cmd_list_locks, _build_none),
     "purge": (_cmd_purge, _build_none),
 }
@@ -732,6 +869,25 @@ def _parse_tags(text: str) -> dict:
             raise _usage("tag key %r is given twice; accepted: each key once" % match.group(1))
         tags[match.group(1)] = match.group(2).strip()
     return tags
+
+
+def _tag_selector(text: str) -> dict:
+    """--tags "role=web|db,env=prod" -> {"role": ["web", "db"], "env": "prod"}."""
+    selector = {}
+    for key, value in _parse_tags(text).items():
+        values = [v.strip() for v in value.split("|") if v.strip()]
+        selector[key] = values if len(values) > 1 else value
+    return selector
+
+
+def _host_fields(args: argparse.Namespace) -> dict:
+    """hosts and targets of ping / discovery in the API's body shape."""
+    fields = {}
+    if args.hosts or not args.tags:
+        fields["hosts"] = list(args.hosts)
+    if args.tags:
+        fields["targets"] = {"tags": _tag_selector(args.tags)}
+    return fields
 
 
 def _pki_call(func: Callable, *args: Any, **kwargs: Any) -> Any:
