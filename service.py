@@ -230,6 +230,8 @@ def validate_cancel(body: Any) -> dict:
         return {"grace": 5, "username": "", "token": ""}
     obj = _require_object(body)
     grace = obj.get("grace", 5)
+    if isinstance(grace, float) and grace.is_integer():
+        grace = int(grace)
     if isinstance(grace, bool) or not isinstance(grace, int) or not 1 <= grace <= 60:
         raise BadRequest("grace must be an integer number of seconds from 1 to 60")
     username, token = _validate_credentials(obj)
@@ -243,18 +245,21 @@ def validate_runs_query(query: dict) -> dict:
         "limit": int, "offset": int}.
     Raises: BadRequest(detail) naming the parameter and what it accepts.
     """
-    out = {key: (query.get(key) or None) for key in ("script", "host", "user", "state")}
+    out = {key: (query.get(key) or None) for key in ("script", "host", "user")}
+    out["state"] = query.get("state")
     if out["state"] is not None and out["state"] not in RUN_STATES:
         raise BadRequest("state must be one of %s" % ", ".join(RUN_STATES))
     since = query.get("since")
     try:
-        out["since"] = float(since) if since not in (None, "") else None
+        out["since"] = float(since) if since is not None else None
     except ValueError:
         raise BadRequest("since must be a Unix time in seconds (e.g. 1733450000)") from None
+    if out["since"] is not None and not math.isfinite(out["since"]):
+        raise BadRequest("since must be a Unix time in seconds (e.g. 1733450000)")
     for key, default, high in (("limit", RUNS_PAGE_DEFAULT, RUNS_PAGE_MAX),
                                ("offset", 0, RUNS_SCAN_MAX)):
         text = query.get(key)
-        if text in (None, ""):
+        if text is None:
             out[key] = default
             continue
         if not str(text).isdigit() or not (key == "offset" or 1 <= int(text)) \
@@ -901,9 +906,9 @@ def _validate_credentials(obj: dict) -> tuple:
 
 def _validate_targets(obj: dict) -> Optional[dict]:
     """targets {"tags": {key: value | [values]}} or None when absent / null."""
-    targets = obj.get("targets")
-    if targets is None:
+    if "targets" not in obj:
         return None
+    targets = obj["targets"]
     tags = targets.get("tags") if isinstance(targets, dict) else None
     if not isinstance(tags, dict) or not tags or set(targets) - {"tags"}:
         raise BadRequest(TARGETS_DETAIL)
