@@ -631,6 +631,78 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
+def _group_alive(pgid: int) -> bool:
+    """True while any process of the group pgid exists (zombies of others' children aside)."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _process_start(pid: int) -> str:
+    """The start time of pid (field 22 of /proc/<pid>/stat), "" when it does not exist: a
+    recorded pid is only signalled while it is still the same process."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            raw = handle.read().decode("ascii", "replace")
+    except OSError:
+        return ""
+    return raw.rsplit(")", 1)[-1].split()[19] if ")" in raw else ""
+
+
+def kill_run_group(pgid: int, grace_s: float) -> str:
+    """SIGTERM the group, SIGKILL it after grace_s if anything is left, wait until it is
+    empty (bounded). Returns the signal that ended it: "TERM" or "KILL"."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "TERM"
+    deadline = time.monotonic() + grace_s
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not _group_alive(pgid):
+        return "TERM"
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + KILL_GRACE_S
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "KILL"
+
+
+class RunningScripts:
+    """The script process groups this agent process runs, by (dispatcher, reqid), so a
+    cancel from that dispatcher can find and kill them, and their answers can say so."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict = {}
+
+    def started(self, owner: str, reqid: str, pgid: int) -> None:
+        with self._lock:
+            self._runs.setdefault((owner, reqid), {"pgids": [], "cancelled": False})["pgids"].append(pgid)
+
+    def finished(self, owner: str, reqid: str) -> bool:
+        """Forget the run; True when it was cancelled."""
+        with self._lock:
+            entry = self._runs.pop((owner, reqid), None)
+        return bool(entry and entry["cancelled"])
+
+    def take(self, owner: str, reqid: str) -> list:
+        """Mark the run cancelled; its process groups (empty when it does not run here)."""
+        with self._lock:
+            entry = self._runs.get((owner, reqid))
+            if entry is None:
+                return []
+            entry["cancelled"] = True
+            return list(entry["pgids"])
+
+
 ###############################################################################
 # Agent configuration #########################################################
 ###############################################################################
@@ -953,7 +1025,7 @@ def script_env() -> dict:
 
 def run_script(path: str, args: list, context: dict, *, timeout_s: float = 0,
                max_output: int = 1048576, stdin_timeout: float = 10.0,
-               on_output=None) -> RunResult:
+               on_output=None, on_start=None) -> RunResult:
     """Run ``path`` with ``execve(path, [path, *args])`` and capture its output.
 
     The script gets a clean environment, its own process group and the JSON
@@ -965,6 +1037,8 @@ def run_script(path: str, args: list, context: dict, *, timeout_s: float = 0,
     Args:
         on_output: optional ``callback(stream_name, text)`` called with each
             decoded chunk as it arrives (live streaming), within the cap.
+        on_start: optional ``callback(pid)`` called once the script runs; pid is also
+            its process group id (a cancel kills that group).
 
     Returns:
         RunResult(exit, stdout, stderr, truncated, timed_out, error): exit is
@@ -978,6 +1052,8 @@ def run_script(path: str, args: list, context: dict, *, timeout_s: float = 0,
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         return RunResult(127, "", "", False, False, "cannot execute script: %s" % reason)
+    if on_start is not None:
+        on_start(proc.pid)
     capture = _Capture(proc, max_output, on_output)
     capture.pump(json_bytes(context) + b"\n", timeout_s, stdin_timeout)
     code = proc.returncode
@@ -1153,6 +1229,18 @@ class AsyncStore:
         os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
         atomic_write(path, json_bytes(record), 0o640)
 
+    def mark_cancelled(self, owner: str, reqid: str) -> None:
+        """Leave the marker the detached runner reads to record its run as cancelled."""
+        atomic_write(self.record_path(owner, reqid)[:-5] + ".cancelled", b"1\n", 0o640)
+
+    def take_cancel_mark(self, owner: str, reqid: str) -> bool:
+        """True (and the marker gone) when a cancel marked this run."""
+        try:
+            os.unlink(self.record_path(owner, reqid)[:-5] + ".cancelled")
+            return True
+        except OSError:
+            return False
+
     def try_lock(self, script: str):
         """Return an fd holding the script's lock, or None when it is busy."""
         folder = os.path.join(self.root, ".locks")
@@ -1208,14 +1296,23 @@ def run_detached_main() -> int:
     store = AsyncStore(job["state_dir"])
     record = {"reqid": job["reqid"], "status": "running", "script": job["script"],
               "owner": job["owner"], "started": job["started"]}
+    def note_group(pgid: int) -> None:
+        record.update(pgid=pgid, pgid_start=_process_start(pgid))
+        store.write(record)
+
     try:
         result = run_script(job["path"], job["args"], job["context"], timeout_s=job["timeout"],
-                            max_output=job["max_output"], stdin_timeout=job["stdin_timeout"])
+                            max_output=job["max_output"], stdin_timeout=job["stdin_timeout"],
+                            on_start=note_group)
+        record.pop("pgid", None)
+        record.pop("pgid_start", None)
         record.update(status="done", finished=utc_timestamp(), exit=result.exit,
                       stdout=result.stdout, stderr=result.stderr)
         for flag in ("truncated", "timed_out"):
             if getattr(result, flag):
                 record[flag] = True
+        if store.take_cancel_mark(job["owner"], job["reqid"]):
+            record["cancelled"] = True
         if result.error:
             record["error"] = result.error
         log_action("info", "run", SCRIPT=job["script"], EXIT=result.exit, PEER=job["peer"],
@@ -1350,6 +1447,7 @@ class AgentServer:
         self.hostname = cfg.hostname or socket.getfqdn()
         self.expiry = _cert_not_after(cfg.cert)
         self.async_store = AsyncStore(cfg.state_dir)
+        self.running = RunningScripts()
         self.listener = listen_socket
         self.active = 0
         self.active_lock = threading.Lock()
@@ -1539,6 +1637,8 @@ class AgentServer:
             self._handle_capabilities(tls, state, peer)
         elif method == "GET" and path.startswith("/result/"):
             self._handle_result(tls, path[len("/result/"):], peer)
+        elif method == "POST" and path == "/cancel":
+            self._handle_cancel(tls, request, peer)
         else:
             self._send(tls, 404, {"error": "not found"})
 
@@ -1566,6 +1666,42 @@ class AgentServer:
         log_action("info", "result", PEER=peer.ip, DISPATCHER=peer.dispatcher, REQID=reqid,
                    STATUS=record.get("status"))
         self._send(tls, 200, record)
+
+    def _handle_cancel(self, tls, request: Request, peer) -> None:
+        """POST /cancel {reqid, grace}: kill that run's process groups (this dispatcher's)."""
+        body = _json_object(request.body)
+        reqid = body.get("reqid") if isinstance(body, dict) else None
+        grace = body.get("grace", int(KILL_GRACE_S)) if isinstance(body, dict) else None
+        if not isinstance(reqid, str) or not RESULT_REQID_RE.match(reqid) \
+                or type(grace) is not int or not 1 <= grace <= 60:
+            self._send(tls, 400, {"error": "invalid cancel request; accepted: {\"reqid\": "
+                                           "\"<1-64 letters, digits, _ or ->\", \"grace\": <1-60>}"})
+            return
+        if self.cfg.auth_hook:
+            verdict = self._hook("cancel", peer, script="", args=[], username="", token="",
+                                 reqid=reqid)
+            if not verdict.allowed:
+                log_action("warning", "cancel-deny", PEER=peer.ip, DISPATCHER=peer.dispatcher,
+                           REQID=reqid, REASON=verdict.error)
+                self._send(tls, 403, {"error": "not authorised: %s" % verdict.error})
+                return
+        groups = self.running.take(peer.dispatcher, reqid)
+        record = self.async_store.read(peer.dispatcher, reqid)
+        if record is not None and record.get("status") == "running" \
+                and isinstance(record.get("pgid"), int) and record.get("pgid_start") \
+                and _process_start(record["pgid"]) == record["pgid_start"]:
+            self.async_store.mark_cancelled(peer.dispatcher, reqid)
+            groups.append(record["pgid"])
+        if not groups:
+            log_action("info", "cancel", PEER=peer.ip, DISPATCHER=peer.dispatcher, REQID=reqid,
+                       RESULT="not_running")
+            self._send(tls, 200, {"status": "not_running", "reqid": reqid})
+            return
+        signals = [kill_run_group(pgid, grace) for pgid in groups]
+        ended = "KILL" if "KILL" in signals else "TERM"
+        log_action("info", "cancel", PEER=peer.ip, DISPATCHER=peer.dispatcher, REQID=reqid,
+                   RESULT="cancelled", SIGNAL=ended)
+        self._send(tls, 200, {"status": "cancelled", "reqid": reqid, "signal": ended})
 
     def _handle_run(self, tls, request: Request, state: AgentState, peer) -> None:
         body = _json_object(request.body)
@@ -1617,11 +1753,18 @@ class AgentServer:
         elif body.get("stream") is True and self.cfg.streaming:
             self._run_streamed(tls, script, path, args, context, timeout_s, peer)
         else:
-            result = run_script(path, args, context, timeout_s=timeout_s,
-                                max_output=self.cfg.max_output, stdin_timeout=self.cfg.stdin_timeout)
+            try:
+                result = run_script(path, args, context, timeout_s=timeout_s,
+                                    max_output=self.cfg.max_output,
+                                    stdin_timeout=self.cfg.stdin_timeout,
+                                    on_start=self._tracker(peer, reqid))
+            finally:
+                cancelled = self.running.finished(peer.dispatcher, reqid)
             self._log_run(script, result, peer, reqid)
             answer = {"script": script, "exit": result.exit, "stdout": result.stdout,
                       "stderr": result.stderr, "reqid": reqid}
+            if cancelled:
+                answer["cancelled"] = True
             self._send(tls, 200, _with_flags(answer, result))
 
     def _start_async(self, tls, script, path, args, context, timeout_s, peer) -> None:
@@ -1660,12 +1803,26 @@ class AgentServer:
     def _run_streamed(self, tls, script, path, args, context, timeout_s, peer) -> None:
         sink = _EventSink(tls)
         sink.write_raw(encode_response(200, None, content_type="application/x-ndjson"))
-        result = run_script(path, args, context, timeout_s=timeout_s, max_output=self.cfg.max_output,
-                            stdin_timeout=self.cfg.stdin_timeout,
-                            on_output=lambda name, text: sink.event({"event": name, "data": text}))
-        self._log_run(script, result, peer, context["reqid"])
-        sink.event(_with_flags({"event": "exit", "exit": result.exit, "script": script,
-                                "reqid": context["reqid"]}, result))
+        reqid = context["reqid"]
+        try:
+            result = run_script(path, args, context, timeout_s=timeout_s,
+                                max_output=self.cfg.max_output,
+                                stdin_timeout=self.cfg.stdin_timeout,
+                                on_output=lambda name, text: sink.event({"event": name, "data": text}),
+                                on_start=self._tracker(peer, reqid))
+        finally:
+            cancelled = self.running.finished(peer.dispatcher, reqid)
+        self._log_run(script, result, peer, reqid)
+        event = {"event": "exit", "exit": result.exit, "script": script, "reqid": reqid}
+        if cancelled:
+            event["cancelled"] = True
+        sink.event(_with_flags(event, result))
+
+    def _tracker(self, peer, reqid: str):
+        """on_start for run_script: note the script's group for a later cancel (by reqid)."""
+        if not reqid:
+            return None
+        return lambda pgid: self.running.started(peer.dispatcher, reqid, pgid)
 
     def _hook(self, action: str, peer, **fields) -> HookResult:
         context = dict(fields, hosts=[], source_ip=peer.ip, dispatcher=peer.dispatcher,

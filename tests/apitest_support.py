@@ -107,6 +107,9 @@ def template_of(path: str) -> str | None:
         return path
     if re.fullmatch(r"/status/[^/]+", path):
         return "/status/{reqid}"
+    match = re.fullmatch(r"/runs/[^/]+/(events|cancel)", path)
+    if match:
+        return "/runs/{reqid}/%s" % match.group(1)
     return None
 
 

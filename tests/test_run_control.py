@@ -41,6 +41,9 @@ def plant(tmp_path_factory):
             "fail": "#!/bin/sh\necho %s >> %s/\"$1\"\necho failing >&2\nexit 3\n" % (name, marks),
             "mark": "#!/bin/sh\necho \"%s $(date +%%s.%%N)\" >> %s/\"$1\"\n" % (name, marks),
             "nap": "#!/bin/sh\nsleep \"$1\"\necho done\n",
+            # Children in the script's process group: a cancel must take them all.
+            "family": "#!/bin/sh\nsleep \"$1\" &\nsleep \"$1\" &\nwait\n",
+            "stubborn": "#!/bin/sh\ntrap '' TERM\nsleep \"$1\"\n",
         }
     fleet = Fleet(root)
     try:
@@ -216,11 +219,10 @@ def test_cancel_of_a_long_sleep_leaves_no_process_behind(plant):
     marker = "3141%d" % os.getpid()            # "sleep <marker>": unique in the process table
     answers = {}
     runner = threading.Thread(target=lambda: answers.setdefault("run", api.call(
-        "POST", "/run", {"hosts": hosts, "script": "nap", "args": [marker]}, timeout=120)))
+        "POST", "/run", {"hosts": hosts, "script": "family", "args": [marker]}, timeout=120)))
     runner.start()
     try:
-        wait_for(lambda: len(_script_processes(marker)) >= 3, "the three sleeps to start", 20)
-        status, _, listed = api.call("GET", "/runs?state=pending")
+        wait_for(lambda: len(_script_processes(marker)) >= 6, "the six sleeps to start", 20)
         reqid = _running_reqid(api)
         status, _, body = api.call("POST", "/runs/%s/cancel" % reqid, {"grace": 2})
         assert status == 200, body
@@ -277,3 +279,44 @@ def test_runs_lists_newest_first_with_filters_and_pages(plant):
     done = _cli(fleet, "runs", "--user", "carol", "--limit", "5")
     assert done.returncode == 0 and reqids[0] in done.stdout and "ok 1" in done.stdout
     time.sleep(0)
+
+
+def test_cancel_of_an_async_run_kills_it_and_its_rows_say_cancelled(plant):
+    _, api, _ = plant
+    marker = "2718%d" % os.getpid()
+    status, body = api.request("POST", "/run", {"hosts": AGENTS[3:5], "script": "nap",
+                                                "args": [marker], "async": True})
+    assert status == 202
+    wait_for(lambda: len(_script_processes(marker)) >= 2, "the detached sleeps to start", 20)
+    status, cancel = api.request("POST", "/runs/%s/cancel" % body["reqid"], {"grace": 1})
+    assert status == 200
+    assert [row["status"] for row in cancel["results"]] == ["cancelled", "cancelled"]
+    wait_for(lambda: not _script_processes(marker), "the detached sleeps to be gone", 10)
+
+    def settled():
+        status, record = api.request("GET", "/status/%s" % body["reqid"])
+        return record if record["complete"] else None
+    record = wait_for(settled, "the async record to settle", 20, 0.5)
+    assert [row["status"] for row in record["results"]] == ["cancelled", "cancelled"]
+    assert record["summary"]["cancelled"] == 2
+
+
+def test_a_script_that_ignores_term_is_killed_after_the_grace(plant):
+    _, api, _ = plant
+    marker = "1618%d" % os.getpid()
+    reqid_box = {}
+    runner = threading.Thread(target=lambda: reqid_box.setdefault("run", api.call(
+        "POST", "/run", {"hosts": ["node-20"], "script": "stubborn", "args": [marker]},
+        timeout=120)))
+    runner.start()
+    try:
+        wait_for(lambda: _script_processes(marker), "the stubborn sleep to start", 20)
+        reqid = _running_reqid(api)
+        started = time.monotonic()
+        status, _, body = api.call("POST", "/runs/%s/cancel" % reqid, {"grace": 1})
+        assert status == 200 and body["results"][0]["signal"] == "KILL", body
+        assert time.monotonic() - started < 10
+    finally:
+        runner.join(60)
+    assert reqid_box["run"][2]["results"][0]["status"] == "cancelled"
+    assert not _script_processes(marker)
