@@ -199,15 +199,17 @@ def test_states_timed_out_and_unreachable(plant):
 # --- cancel -----------------------------------------------------------------------------------------
 
 def _script_processes(marker: str) -> list:
-    """PIDs whose command line carries marker (the scripts' own processes)."""
+    """PIDs of "sleep <marker>" processes (the scripts' own children)."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open("/proc/%s/cmdline" % pid, "rb") as handle:
-                if marker.encode() in handle.read():
-                    found.append(int(pid))
+                argv = handle.read().split(b"\0")
+            # The script's sleeps (not the CLI or the shell that carry the marker too).
+            if argv[:2] == [b"sleep", marker.encode()]:
+                found.append(int(pid))
         except OSError:
             continue
     return found
@@ -320,3 +322,59 @@ def test_a_script_that_ignores_term_is_killed_after_the_grace(plant):
         runner.join(60)
     assert reqid_box["run"][2]["results"][0]["status"] == "cancelled"
     assert not _script_processes(marker)
+
+
+def test_cancel_skips_the_hosts_not_started_yet(plant):
+    _, api, marks = plant
+    marker = "1414%d" % os.getpid()
+    answers = {}
+    runner = threading.Thread(target=lambda: answers.setdefault("run", api.call(
+        "POST", "/run", {"hosts": AGENTS[10:15], "script": "nap", "args": [marker],
+                         "max_concurrency": 1}, timeout=120)))
+    runner.start()
+    try:
+        wait_for(lambda: _script_processes(marker), "the first host's sleep", 20)
+        reqid = _running_reqid(api)
+        status, _, body = api.call("POST", "/runs/%s/cancel" % reqid, {"grace": 1})
+        assert status == 200
+    finally:
+        runner.join(60)
+    rows = answers["run"][2]["results"]
+    assert [row["status"] for row in rows] == ["cancelled"] + ["skipped"] * 4
+    assert rows[1]["error"] == "skipped: the run was cancelled before this host started"
+
+
+def test_cli_cancel_and_ctrl_c_with_cancel_on_interrupt(plant):
+    fleet, api, _ = plant
+    import signal as signals
+    marker = "1732%d" % os.getpid()
+    env = dict(os.environ, CTRL_EXEC_LOG="stderr")
+    follow = subprocess.Popen([sys.executable, CLI, "--config", fleet.conf_path, "run",
+                               "node-16", "nap", "--follow", "--cancel-on-interrupt", "--",
+                               marker], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=ROOT)
+    try:
+        wait_for(lambda: _script_processes(marker), "the followed sleep", 20)
+        follow.send_signal(signals.SIGINT)
+        out, err = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert "cancelled " in err and "node-16 cancelled" in err, err
+    wait_for(lambda: not _script_processes(marker), "the sleep to be gone", 10)
+    # cancel REQID of a finished run: a clear error, exit 1.
+    status, body = api.request("POST", "/run", {"hosts": ["node-17"], "script": "nap",
+                                                "args": ["0"]})
+    done = _cli(fleet, "cancel", body["reqid"])
+    assert done.returncode == 1
+    assert "has already finished; there is nothing to cancel" in done.stderr
+
+
+def test_an_agent_without_cancel_is_reported_not_cancellable():
+    import engine
+    from collections import namedtuple
+    target = namedtuple("Target", "entry name address port")("old-01", "old-01", "127.0.0.9", 1)
+    answer = engine._Answer(404, {"error": "not found"}, "", "3ms", False)
+    assert engine._cancel_row(target, answer) == {
+        "host": "old-01", "status": "not_cancellable", "rtt": "3ms",
+        "error": "this agent cannot cancel runs (no /cancel; upgrade the agent)"}
