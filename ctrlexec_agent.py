@@ -708,6 +708,8 @@ class RunningScripts:
 ###############################################################################
 
 EX_CONFIG = 78
+#: Pairing key types (agent.conf key_type, request-pairing --key-type).
+KEY_TYPES = ("auto", "ec-p256", "rsa-3072")
 DEFAULT_CONFIG = "/etc/ctrl-exec-agent/agent.conf"
 DEFAULT_STATE_DIR = "/var/lib/ctrl-exec-agent"
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -759,6 +761,9 @@ class AgentConfig:
         self.request_timeout = REQUEST_DEADLINE_S
         self.streaming = True
         self.hostname = ""
+        #: Key of a pairing CSR: "auto" (P-256, then RSA-3072 if the dispatcher wants RSA),
+        #: "ec-p256" or "rsa-3072".
+        self.key_type = "auto"
         self.tags: dict = {}
 
     def _abs(self, value: str) -> str:
@@ -868,6 +873,11 @@ def _apply_agent_key(cfg: AgentConfig, key: str, value: str, where: str) -> None
         cfg.max_output = _int_value(value, where, key, 1024, 1 << 30)
     elif key == "hostname":
         cfg.hostname = value
+    elif key == "key_type":
+        if value not in KEY_TYPES:
+            raise ConfigError("%s: key_type must be one of %s, got %r"
+                              % (where, ", ".join(KEY_TYPES), value))
+        cfg.key_type = value
     elif key in ("executor_socket", "async_runs_dir", "cert_staging_path", "pairing_port",
                  "dispatcher_serial_path"):
         log_action("warning", "config-warn", FILE=cfg.path, KEY=key,
@@ -1444,7 +1454,7 @@ class AgentServer:
         self.ctx = server_context(cfg.cert, cfg.key, cfg.ca)
         self.limiter = RateLimiter(cfg.rate_limit_volume, cfg.rate_limit_probe, cfg.rate_limit_disable)
         self.slots = threading.BoundedSemaphore(cfg.max_children)
-        self.hostname = cfg.hostname or socket.getfqdn()
+        self.hostname = cfg.hostname or reported_hostname()
         self.expiry = _cert_not_after(cfg.cert)
         self.async_store = AsyncStore(cfg.state_dir)
         self.running = RunningScripts()
@@ -1650,7 +1660,7 @@ class AgentServer:
                            REASON=verdict.error)
                 self._send(tls, 403, {"error": "not authorised"})
                 return
-        scripts = [{"name": name, "path": path,
+        scripts = [{"name": name, "path": path, "profile": "default",
                     "executable": os.path.isfile(path) and os.access(path, os.X_OK)}
                    for name, path in sorted(state.allowlist.items())]
         log_action("info", "capabilities", PEER=peer.ip, DISPATCHER=peer.dispatcher, SCRIPTS=len(scripts))
@@ -1943,15 +1953,26 @@ class PairingError(Exception):
         self.exit_code = exit_code
 
 
+def reported_hostname() -> str:
+    """This host's name as the original agent reports it: the FQDN, else the short
+    hostname - never "localhost" (what getfqdn() says on hosts without a domain)."""
+    fqdn = socket.getfqdn()
+    if fqdn and fqdn != "localhost" and not fqdn.startswith("localhost."):
+        return fqdn
+    return socket.gethostname() or fqdn
+
+
 def request_pairing(cfg: AgentConfig, *, dispatcher: str, port: int = PAIRING_PORT,
                     name: str = "", lookup_by: str = "", timeout_s: int = PAIRING_SOCKET_TIMEOUT_S,
-                    out=sys.stdout) -> dict:
+                    out=sys.stdout, key_type: str = "") -> dict:
     """Ask a dispatcher's pairing port for a certificate and install it.
 
-    Generates a P-256 key and CSR with the ``openssl`` binary, shows the
-    6-digit code the operator compares, waits for approval, checks the
-    echoed nonce, then writes ``cert``/``key``/``ca`` and adds the
-    dispatcher to the trusted map.
+    Generates a key and CSR with the ``openssl`` binary (key_type, default agent.conf's:
+    "auto" makes a P-256 key and, when the dispatcher refuses it as too small - the
+    original ctrl-exec signs only RSA keys of 2048 bits or more - asks again with an
+    RSA-3072 key and a new code), shows the 6-digit code the operator compares, waits
+    for approval, checks the echoed nonce, then writes ``cert``/``key``/``ca`` and adds
+    the dispatcher to the trusted map.
 
     Returns:
         ``{"dispatcher_id", "dispatcher_serial", "cert"}`` paths/ids on success.
@@ -1959,7 +1980,10 @@ def request_pairing(cfg: AgentConfig, *, dispatcher: str, port: int = PAIRING_PO
     Raises:
         PairingError: with exit code 1, 2 (timeout) or 3 (denied).
     """
-    name = name or socket.getfqdn()
+    name = name or reported_hostname()
+    key_type = key_type or cfg.key_type
+    if key_type not in KEY_TYPES:
+        raise PairingError("key type %r is not valid; accepted: %s" % (key_type, ", ".join(KEY_TYPES)))
     if not AGENT_NAME_RE.match(name) or len(name) > 253:
         raise PairingError("agent name %r is not valid (letters, digits, '.', '_', '-'; "
                            "pass --name NAME)" % name)
@@ -1971,9 +1995,30 @@ def request_pairing(cfg: AgentConfig, *, dispatcher: str, port: int = PAIRING_PO
     except OSError as exc:
         raise PairingError("cannot reach the pairing port %s:%d (%s) - is 'ctrlexec.py pairing-mode' "
                            "running there?" % (dispatcher, port, exc.strerror or exc))
-    key_pem, csr_pem = _openssl_key_and_csr(name)
-    code = pairing_code(csr_pem)
+    first_type = "rsa-3072" if key_type == "rsa-3072" else "ec-p256"
+    try:
+        final, key_pem = _pair_once(cfg, dispatcher, port, name, lookup_by, timeout_s, out,
+                                    first_type)
+    except _KeyRefused as exc:
+        if key_type != "auto":
+            raise PairingError("pairing refused: %s (try --key-type rsa-3072)" % exc) from None
+        out.write("The dispatcher wants an RSA key (%s); asking again with RSA-3072.\n" % exc)
+        out.flush()
+        final, key_pem = _pair_once(cfg, dispatcher, port, name, lookup_by, timeout_s, out,
+                                    "rsa-3072")
+    return _install_pairing(cfg, dispatcher, final, key_pem)
+
+
+class _KeyRefused(Exception):
+    """The dispatcher refused the CSR's key (type or size); str() is its reason."""
+
+
+def _pair_once(cfg: AgentConfig, dispatcher: str, port: int, name: str, lookup_by: str,
+               timeout_s: int, out, key_type: str) -> tuple:
+    """One pairing exchange with a fresh key: (the final answer, the key PEM)."""
+    key_pem, csr_pem = _openssl_key_and_csr(name, key_type)
     nonce = os.urandom(16).hex()
+    code = pairing_code(csr_pem)
     out.write("Pairing code: %s\nCompare it with the code shown on the dispatcher, then approve there.\n"
               % code)
     out.flush()
@@ -1988,7 +2033,11 @@ def request_pairing(cfg: AgentConfig, *, dispatcher: str, port: int = PAIRING_PO
         reader = SocketReader(tls, time.monotonic() + timeout_s)
         first = _pairing_answer(reader)
         if first.get("status") != "pending":
-            raise PairingError("pairing refused: %s" % first.get("reason", first.get("status", "unknown")))
+            reason = str(first.get("reason", first.get("status", "unknown")))
+            if key_type == "ec-p256" and ("too small" in reason or "2048" in reason
+                                          or "RSA" in reason):
+                raise _KeyRefused(reason)
+            raise PairingError("pairing refused: %s" % reason)
         out.write("Request %s is waiting for approval...\n" % first.get("reqid", "?"))
         out.flush()
         final = _pairing_answer(reader)
@@ -1998,11 +2047,16 @@ def request_pairing(cfg: AgentConfig, *, dispatcher: str, port: int = PAIRING_PO
         raise PairingError("pairing connection failed: %s" % exc)
     finally:
         raw.close()
+    return dict(final, nonce_ok=final.get("nonce") == nonce), key_pem
+
+
+def _install_pairing(cfg: AgentConfig, dispatcher: str, final: dict, key_pem: bytes) -> dict:
+    """Check the final pairing answer and install key, cert, CA and the trust entry."""
     if final.get("status") != "approved":
         reason = final.get("reason", "unknown")
         log_action("warning", "pair-denied", DISPATCHER_HOST=dispatcher, REASON=reason)
         raise PairingError("pairing denied: %s" % reason, 2 if "timeout" in reason else 3)
-    if final.get("nonce") != nonce:
+    if not final.get("nonce_ok"):
         raise PairingError("nonce mismatch in pairing result - not installing anything")
     dispatcher_serial = canonical_serial(str(final.get("dispatcher_serial", "")))
     dispatcher_id = str(final.get("dispatcher_id") or dispatcher_serial)
@@ -2039,14 +2093,16 @@ def _pairing_answer(reader: SocketReader) -> dict:
     return answer
 
 
-def _openssl_key_and_csr(name: str) -> tuple:
-    """Make a P-256 key and a CSR for ``CN=name`` with the openssl binary."""
+def _openssl_key_and_csr(name: str, key_type: str = "ec-p256") -> tuple:
+    """Make a key ("ec-p256" or "rsa-3072") and a CSR for ``CN=name`` with the openssl binary."""
+    algorithm = (["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:3072"]
+                 if key_type == "rsa-3072" else
+                 ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
     with tempfile.TemporaryDirectory(prefix="ctrl-exec-pair-") as tmp:
         key_path = os.path.join(tmp, "agent.key")
         try:
-            subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt",
-                            "ec_paramgen_curve:P-256", "-out", key_path],
-                           check=True, capture_output=True, timeout=30)
+            subprocess.run(["openssl", "genpkey"] + algorithm + ["-out", key_path],
+                           check=True, capture_output=True, timeout=60)
             csr = subprocess.run(["openssl", "req", "-new", "-sha256", "-key", key_path,
                                   "-subj", "/CN=%s" % name],
                                  check=True, capture_output=True, timeout=30).stdout
@@ -2081,6 +2137,9 @@ def main(argv: list | None = None) -> int:
             cmd.add_argument("--name", default="", help="agent name (default: this host's FQDN)")
             cmd.add_argument("--lookup-by", choices=("ip", "hostname"), default="")
             cmd.add_argument("--timeout", type=int, default=PAIRING_SOCKET_TIMEOUT_S)
+            cmd.add_argument("--key-type", choices=KEY_TYPES, default="",
+                             help="pairing key: auto (P-256, RSA-3072 when the dispatcher "
+                                  "asks for RSA; default: agent.conf key_type, else auto)")
     sub.add_parser("run-detached")
     opts = parser.parse_args(argv)
     if opts.command == "run-detached":
@@ -2160,7 +2219,8 @@ def _cmd_request_pairing(opts, config_path: str) -> int:
             cfg = AgentConfig(config_path)
             cfg.trusted_dispatchers_path = os.path.join(cfg.state_dir, "ctrl-exec-dispatchers")
         result = request_pairing(cfg, dispatcher=opts.dispatcher, port=opts.port, name=opts.name,
-                                 lookup_by=opts.lookup_by, timeout_s=opts.timeout)
+                                 lookup_by=opts.lookup_by, timeout_s=opts.timeout,
+                                 key_type=opts.key_type)
     except ConfigError as exc:
         sys.stderr.write("ctrl-exec-agent: config error: %s\n" % exc)
         return EX_CONFIG

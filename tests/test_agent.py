@@ -306,7 +306,7 @@ def test_capabilities_lists_tags_and_sorted_scripts(afleet, main_agent):
     names = [s["name"] for s in data["scripts"]]
     assert names == sorted(names) and "hello" in names and "evil" not in names
     by_name = {s["name"]: s for s in data["scripts"]}
-    assert by_name["hello"] == {"name": "hello", "executable": True,
+    assert by_name["hello"] == {"name": "hello", "executable": True, "profile": "default",
                                 "path": os.path.join(main_agent.scripts_dir, "hello")}
     assert by_name["noexec"]["executable"] is False
 
