@@ -62,14 +62,21 @@ class ApiProcess:
 
     ``fleet`` is a bench/fleet.py BenchFleet: its ctrl-exec.conf is rewritten with
     api_port, max_parallel, api_max_children and ``conf``; the log goes to
-    ``<fleet root>/<log_name>``.
+    ``<fleet root>/<log_name>``. With ``conf_name`` that conf is also copied to
+    ``conf_name`` beside ctrl-exec.conf (relative paths resolve alike) and the process
+    reads the copy, so several ApiProcess of one fleet (nodes) keep their own settings.
     """
 
-    def __init__(self, fleet, *, max_parallel: int, log_name: str = "api.log", **conf) -> None:
+    def __init__(self, fleet, *, max_parallel: int, log_name: str = "api.log",
+                 conf_name: str = "", **conf) -> None:
         self.fleet = fleet
         self.port = free_port("127.0.0.1")
         fleet.write_conf(api_port=self.port, max_parallel=max_parallel,
                          api_max_children=API_MAX_CHILDREN, **conf)
+        self.conf_path = fleet.conf_path
+        if conf_name:
+            self.conf_path = os.path.join(os.path.dirname(fleet.conf_path), conf_name)
+            shutil.copyfile(fleet.conf_path, self.conf_path)
         self.log_path = os.path.join(fleet.root, log_name)
         self.proc: subprocess.Popen | None = None
 
@@ -83,7 +90,7 @@ class ApiProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, os.path.join(ROOT, "ctrlexec_api.py"), "--config",
-                 self.fleet.conf_path], stdout=log, stderr=log, env=env, cwd=self.fleet.root)
+                 self.conf_path], stdout=log, stderr=log, env=env, cwd=self.fleet.root)
         try:
             wait_ready(self.proc, self._healthy, "ctrlexec_api.py (log %s)" % self.log_path,
                        API_START_TIMEOUT_S)
