@@ -718,6 +718,8 @@ PASSED_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TERM", "USER", "LOGNAME")
 REQUEST_DEADLINE_S = 30.0
 WRITE_TIMEOUT_S = 60.0
 KILL_GRACE_S = 5.0
+#: How long a cancel waits for a just-started detached runner to record its script's group.
+DETACHED_START_WAIT_S = 3.0
 ASYNC_RETENTION_S = 86400
 RATE_TABLE_MAX = 1000
 
@@ -1309,6 +1311,9 @@ def run_detached_main() -> int:
     def note_group(pgid: int) -> None:
         record.update(pgid=pgid, pgid_start=_process_start(pgid))
         store.write(record)
+        if os.path.exists(store.record_path(job["owner"], job["reqid"])[:-5] + ".cancelled"):
+            # A cancel came before the group was on record: it cannot have killed it.
+            kill_run_group(pgid, KILL_GRACE_S)
 
     try:
         result = run_script(job["path"], job["args"], job["context"], timeout_s=job["timeout"],
@@ -1697,11 +1702,20 @@ class AgentServer:
                 return
         groups = self.running.take(peer.dispatcher, reqid)
         record = self.async_store.read(peer.dispatcher, reqid)
-        if record is not None and record.get("status") == "running" \
-                and isinstance(record.get("pgid"), int) and record.get("pgid_start") \
-                and _process_start(record["pgid"]) == record["pgid_start"]:
+        detached = record is not None and record.get("status") == "running"
+        if detached:
+            # Marked first: a runner that records its group after this read kills it itself.
             self.async_store.mark_cancelled(peer.dispatcher, reqid)
-            groups.append(record["pgid"])
+            record = self._recorded_group(peer.dispatcher, reqid, record)
+            if record is not None and isinstance(record.get("pgid"), int) \
+                    and record.get("pgid_start") \
+                    and _process_start(record["pgid"]) == record["pgid_start"]:
+                groups.append(record["pgid"])
+        if not groups and detached:
+            log_action("info", "cancel", PEER=peer.ip, DISPATCHER=peer.dispatcher, REQID=reqid,
+                       RESULT="cancelled", SIGNAL="TERM")
+            self._send(tls, 200, {"status": "cancelled", "reqid": reqid, "signal": "TERM"})
+            return
         if not groups:
             log_action("info", "cancel", PEER=peer.ip, DISPATCHER=peer.dispatcher, REQID=reqid,
                        RESULT="not_running")
@@ -1712,6 +1726,18 @@ class AgentServer:
         log_action("info", "cancel", PEER=peer.ip, DISPATCHER=peer.dispatcher, REQID=reqid,
                    RESULT="cancelled", SIGNAL=ended)
         self._send(tls, 200, {"status": "cancelled", "reqid": reqid, "signal": ended})
+
+    def _recorded_group(self, owner: str, reqid: str, record: dict) -> dict | None:
+        """A running detached record with its script's group, waiting briefly for a runner
+        that has not written it yet; None when the run ended meanwhile."""
+        deadline = time.monotonic() + DETACHED_START_WAIT_S
+        while record is not None and record.get("status") == "running" and "pgid" not in record \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+            record = self.async_store.read(owner, reqid)
+        if record is None or record.get("status") != "running":
+            return None
+        return record
 
     def _handle_run(self, tls, request: Request, state: AgentState, peer) -> None:
         body = _json_object(request.body)

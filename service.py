@@ -41,6 +41,7 @@ __all__ = [
 import dataclasses
 import math
 import re
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -1014,6 +1015,9 @@ class _EventLog:
         self.events = events
         self.reqid = reqid
         self._failed = False
+        # Many greenlets emit at once: logging and handing on under one lock keeps the
+        # log's order (its ids) the order the stream's client sees.
+        self._order = threading.Lock()
 
     def open(self, meta: dict) -> None:
         try:
@@ -1034,9 +1038,10 @@ class _EventLog:
         """An on_event that logs each event, then hands it on unchanged (the stream's
         shape is the seed's; the ids are the follow endpoint's)."""
         def emit(event: dict) -> None:
-            self.append([event])
-            if on_event is not None:
-                on_event(event)
+            with self._order:
+                self.append([event])
+                if on_event is not None:
+                    on_event(event)
         return emit
 
     def _fail(self, exc: Exception) -> None:
