@@ -54,6 +54,8 @@ SESSION_CACHE_MAX = 4096
 
 NDJSON_TYPE = "application/x-ndjson"
 
+#: How often a RunControl asks whether its run was cancelled by another process.
+CANCEL_CHECK_S = 0.5
 #: The honest per-host states of a finished run row (row_state).
 HOST_STATES = ("ok", "failed", "timed_out", "unreachable", "no_reply", "cancelled", "skipped",
                "lost")
@@ -82,12 +84,16 @@ class RunControl:
     """
 
     def __init__(self, *, max_concurrency: int | None = None, max_errors: int | None = None,
-                 batch_wait: float = 0.0) -> None:
+                 batch_wait: float = 0.0, cancelled_elsewhere=None) -> None:
         self.max_concurrency = max_concurrency
         self.max_errors = max_errors
         self.batch_wait = float(batch_wait or 0.0)
         self.errors = 0
         self.cancelled = False
+        #: callable() -> bool asked (at most every CANCEL_CHECK_S) whether another
+        #: process cancelled the run, e.g. another API node through the shared state.
+        self._cancelled_elsewhere = cancelled_elsewhere
+        self._checked_at = 0.0
 
     def cancel(self) -> None:
         """Start no further host."""
@@ -95,6 +101,13 @@ class RunControl:
 
     def refusal(self) -> str:
         """Why the next host must not start, or "" when it may."""
+        if not self.cancelled and self._cancelled_elsewhere is not None \
+                and time.monotonic() - self._checked_at >= CANCEL_CHECK_S:
+            self._checked_at = time.monotonic()
+            try:
+                self.cancelled = bool(self._cancelled_elsewhere())
+            except Exception as exc:  # noqa: BLE001 - an unreadable flag must not stop the run
+                wire.log_action("warning", "engine-cancel-check-fail", ERROR=str(exc))
         if self.cancelled:
             return "skipped: the run was cancelled before this host started"
         if self.max_errors is not None and self.errors > self.max_errors:

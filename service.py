@@ -542,6 +542,11 @@ class Service:
         control = self._active.get(reqid)
         if control is not None:
             control.cancel()
+        if meta is not None:
+            try:
+                self.store.events.mark_cancelled(reqid)
+            except store_mod.StoreError as exc:
+                wire.log_action("warning", "cancel-mark-fail", reqid=reqid, error=str(exc))
         wire.log_action("info", "cancel", reqid=reqid, hosts=len(hosts),
                         user=username or "(none)", peer=source_ip)
         rows = self.engine.cancel_all(self.store.registry.resolve(hosts), reqid=reqid,
@@ -760,10 +765,16 @@ class Service:
     def _control(self, plan: RunPlan) -> engine_mod.RunControl:
         """The engine's rate control for a plan (percentages resolved against its hosts)."""
         hosts = len(plan.hosts)
+        events = self.store.events
+
+        def cancelled_elsewhere() -> bool:
+            meta = events.meta(plan.reqid)
+            return bool(meta and meta.get("cancelled"))
+
         return engine_mod.RunControl(
             max_concurrency=_amount(plan.max_concurrency, hosts, round_up=True),
             max_errors=_amount(plan.max_errors, hosts, round_up=False),
-            batch_wait=plan.batch_wait)
+            batch_wait=plan.batch_wait, cancelled_elsewhere=cancelled_elsewhere)
 
     def _annotate(self, record: dict, plan: RunPlan, held: Any) -> None:
         """What a record keeps beside the seed's fields: summary, targets, rate control,

@@ -953,8 +953,14 @@ class RunEvents:
         self.backend.open(_check_event_reqid(reqid), _scrub(dict(meta)), self.retention_s)
 
     def meta(self, reqid: str) -> dict | None:
-        """The meta given to open(), or None when the run has no event log (or it expired)."""
+        """The meta given to open() (plus "cancelled": true once mark_cancelled ran), or
+        None when the run has no event log (or it expired)."""
         return self.backend.meta(_check_event_reqid(reqid))
+
+    def mark_cancelled(self, reqid: str) -> None:
+        """Note in the run's meta that it was cancelled (the dispatching node starts no
+        further host, wherever the cancel came from)."""
+        self.backend.mark_cancelled(_check_event_reqid(reqid))
 
     def append(self, reqid: str, events: list) -> list:
         """Append events (in order) to the log of reqid; return their ids."""
@@ -1002,6 +1008,11 @@ class MemoryEventBackend:
     def meta(self, reqid: str) -> dict | None:
         run = self._runs.get(reqid)
         return None if run is None else dict(run["meta"])
+
+    def mark_cancelled(self, reqid: str) -> None:
+        run = self._runs.get(reqid)
+        if run is not None:
+            run["meta"]["cancelled"] = True
 
     def append(self, reqid: str, events: list, ttl_s: float) -> list:
         run = self._runs.get(reqid)
@@ -1320,14 +1331,22 @@ class RedisEventBackend:
         self.client.call(pipe.execute)
 
     def meta(self, reqid: str) -> dict | None:
-        raw = self.client.call(self.client.redis.hget, self._meta_key(reqid), "meta")
+        raw, cancelled = self.client.call(self.client.redis.hmget, self._meta_key(reqid),
+                                          ["meta", "cancelled"])
         if raw is None:
             return None
         try:
             meta = ujson.loads(raw)
         except ValueError:
             return None
-        return meta if isinstance(meta, dict) else None
+        if not isinstance(meta, dict):
+            return None
+        if cancelled:
+            meta["cancelled"] = True
+        return meta
+
+    def mark_cancelled(self, reqid: str) -> None:
+        self.client.call(self.client.redis.hset, self._meta_key(reqid), "cancelled", "1")
 
     def append(self, reqid: str, events: list, ttl_s: float) -> list:
         key = self._stream_key(reqid)

@@ -254,6 +254,29 @@ def test_a_stopped_nodes_async_run_is_taken_over_and_unanswerable_hosts_are_lost
     assert events[-1]["event"] == "done"
 
 
+def test_a_cancel_on_another_node_kills_the_run_and_skips_hosts_not_started(cluster):
+    node_a, node_b = cluster.start(2)
+    answers = {}
+    runner = threading.Thread(target=lambda: answers.setdefault("a", node_a.call(
+        "POST", "/run", {"hosts": ["web-01", "web-02"], "script": "sleep", "args": ["30"],
+                         "max_concurrency": 1}, timeout=90)))
+    runner.start()
+    try:
+        def live_reqid():
+            got = cluster_redis_keys(cluster, "ctrlexec:events-meta:*")
+            return got[0].split(":")[-1] if got else None
+        reqid = wait_for(live_reqid, "the run's event log", 20)
+        time.sleep(0.5)                                 # web-01's script is running
+        status, body = node_b.request("POST", "/runs/%s/cancel" % reqid, {"grace": 1})
+        assert status == 200, body
+    finally:
+        runner.join(90)
+    status, _, run = answers["a"]
+    assert status == 200
+    assert [row["status"] for row in run["results"]] == ["cancelled", "skipped"]
+    assert run["results"][1]["error"] == "skipped: the run was cancelled before this host started"
+
+
 def test_many_clients_on_three_nodes_never_run_one_host_script_twice(tmp_path, redis_server):
     marker = str(tmp_path / "runs.log")
     guard = str(tmp_path / "running")
