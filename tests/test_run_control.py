@@ -378,3 +378,16 @@ def test_an_agent_without_cancel_is_reported_not_cancellable():
     assert engine._cancel_row(target, answer) == {
         "host": "old-01", "status": "not_cancellable", "rtt": "3ms",
         "error": "this agent cannot cancel runs (no /cancel; upgrade the agent)"}
+
+
+def test_streamed_runs_honour_the_budget_and_report_skipped_hosts(plant):
+    _, api, marks = plant
+    status, headers, events = api.call("POST", "/run", {
+        "hosts": AGENTS[5:8], "script": "fail", "args": ["streamed"], "stream": True,
+        "max_concurrency": 1, "max_errors": 0}, timeout=60)
+    assert status == 200 and headers["content-type"].startswith("application/x-ndjson")
+    done = events[-1]
+    assert done["event"] == "done"
+    assert [row["status"] for row in done["results"]] == ["failed", "skipped", "skipped"]
+    assert sorted(e["host"] for e in events if e["event"] == "exit") == AGENTS[5:8]
+    assert _marks(marks, "streamed") == AGENTS[5:6]
