@@ -131,10 +131,7 @@ def test_a_live_run_is_followed_from_another_node_while_it_runs(cluster):
         "POST", "/run", {"hosts": ["web-01"], "script": "ticks"}, timeout=60)))
     runner.start()
     try:
-        def live_reqid():
-            got = cluster_redis_keys(cluster, "ctrlexec:events-meta:*")
-            return got[0].split(":")[-1] if got else None
-        reqid = wait_for(live_reqid, "the run's event log", 20)
+        reqid = wait_for(lambda: _live_reqid(cluster), "the run's event log", 20)
         began = time.monotonic()
         events = _follow(node_b, reqid)
         assert time.monotonic() - began > 0.5     # it waited for the live tail
@@ -145,6 +142,12 @@ def test_a_live_run_is_followed_from_another_node_while_it_runs(cluster):
     assert events[0]["event"] == "start" and events[-1]["event"] == "done"
     assert "tick 3" in "".join(e.get("data", "") for e in events)
     assert events[-1]["results"] == body["results"]
+
+
+def _live_reqid(cluster) -> str | None:
+    """The reqid of the (one) run whose event log exists in Redis."""
+    got = cluster_redis_keys(cluster, "ctrlexec:events-meta:*")
+    return got[0].split(":")[-1] if got else None
 
 
 def cluster_redis_keys(cluster, pattern: str) -> list:
@@ -262,10 +265,7 @@ def test_a_cancel_on_another_node_kills_the_run_and_skips_hosts_not_started(clus
                          "max_concurrency": 1}, timeout=90)))
     runner.start()
     try:
-        def live_reqid():
-            got = cluster_redis_keys(cluster, "ctrlexec:events-meta:*")
-            return got[0].split(":")[-1] if got else None
-        reqid = wait_for(live_reqid, "the run's event log", 20)
+        reqid = wait_for(lambda: _live_reqid(cluster), "the run's event log", 20)
         time.sleep(0.5)                                 # web-01's script is running
         status, body = node_b.request("POST", "/runs/%s/cancel" % reqid, {"grace": 1})
         assert status == 200, body
