@@ -218,7 +218,9 @@ def _script_processes(marker: str) -> list:
 def test_cancel_of_a_long_sleep_leaves_no_process_behind(plant):
     _, api, _ = plant
     hosts = AGENTS[:3]
-    marker = "3141%d" % os.getpid()            # "sleep <marker>": unique in the process table
+    # "sleep <marker>": unique in the process table, and over by itself in 90 s if a
+    # failing test leaves it behind.
+    marker = "90.3141%d" % os.getpid()
     answers = {}
     runner = threading.Thread(target=lambda: answers.setdefault("run", api.call(
         "POST", "/run", {"hosts": hosts, "script": "family", "args": [marker]}, timeout=120)))
@@ -285,7 +287,7 @@ def test_runs_lists_newest_first_with_filters_and_pages(plant):
 
 def test_cancel_of_an_async_run_kills_it_and_its_rows_say_cancelled(plant):
     _, api, _ = plant
-    marker = "2718%d" % os.getpid()
+    marker = "90.2718%d" % os.getpid()
     status, body = api.request("POST", "/run", {"hosts": AGENTS[3:5], "script": "nap",
                                                 "args": [marker], "async": True})
     assert status == 202
@@ -305,7 +307,7 @@ def test_cancel_of_an_async_run_kills_it_and_its_rows_say_cancelled(plant):
 
 def test_a_script_that_ignores_term_is_killed_after_the_grace(plant):
     _, api, _ = plant
-    marker = "1618%d" % os.getpid()
+    marker = "90.1618%d" % os.getpid()
     reqid_box = {}
     runner = threading.Thread(target=lambda: reqid_box.setdefault("run", api.call(
         "POST", "/run", {"hosts": ["node-20"], "script": "stubborn", "args": [marker]},
@@ -326,7 +328,7 @@ def test_a_script_that_ignores_term_is_killed_after_the_grace(plant):
 
 def test_cancel_skips_the_hosts_not_started_yet(plant):
     _, api, marks = plant
-    marker = "1414%d" % os.getpid()
+    marker = "90.1414%d" % os.getpid()
     answers = {}
     runner = threading.Thread(target=lambda: answers.setdefault("run", api.call(
         "POST", "/run", {"hosts": AGENTS[10:15], "script": "nap", "args": [marker],
@@ -347,7 +349,7 @@ def test_cancel_skips_the_hosts_not_started_yet(plant):
 def test_cli_cancel_and_ctrl_c_with_cancel_on_interrupt(plant):
     fleet, api, _ = plant
     import signal as signals
-    marker = "1732%d" % os.getpid()
+    marker = "90.1732%d" % os.getpid()
     env = dict(os.environ, CTRL_EXEC_LOG="stderr")
     follow = subprocess.Popen([sys.executable, CLI, "--config", fleet.conf_path, "run",
                                "node-16", "nap", "--follow", "--cancel-on-interrupt", "--",
