@@ -69,7 +69,7 @@ _FALSE_WORDS = ("0", "no", "false", "off")
 #: Keys of the Perl ctrl-exec.conf that this implementation does not read; they
 #: are accepted with a warning so an upstream config keeps loading.
 _UPSTREAM_UNUSED_KEYS = frozenset((
-    "port", "pairing_port", "cert_renewal_days", "cert_overlap_days",
+    "port", "pairing_port", "cert_renewal_days",
     "cert_check_interval", "registry_dir", "rotation_file", "service_user",
 ))
 #: Alternative spellings -> canonical key.
@@ -129,6 +129,10 @@ class Config:
     max_hosts: int = 500
     cert_days: int = 365
     agent_cert_days: int = 825
+    #: `ctrlexec.py ping` renews agent certificates with fewer days left than this (0: never).
+    agent_renew_days: int = 30
+    #: Days the previous dispatcher certificate stays trusted during a rotation (rotation.json).
+    cert_overlap_days: int = 30
     pairing_max_queue: int = 10
     pairing_timeout: int = 600              #: seconds, 1-600
     pairing_rate_limit_volume: tuple = (10, 60, 300)   #: (requests, window_s, block_s)
@@ -418,6 +422,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_hosts": _int(1, 100000),
     "cert_days": _int(1, 36500),
     "agent_cert_days": _int(1, 36500),
+    "agent_renew_days": _int(0, 36500),
+    "cert_overlap_days": _int(1, 36500),
     "pairing_max_queue": _int(1, 10000),
     "pairing_timeout": _int(1, 600),
     "pairing_rate_limit_volume": _rate_limit,

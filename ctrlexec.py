@@ -2,7 +2,7 @@
 
 Owns: the operator commands (setup-ca, setup-dispatcher, pairing-mode, list-requests,
 approve, deny, enroll, list-agents, unpair, run, ping, discovery, status, wait,
-list-locks, purge), their argument parsing, the human output (aligned tables,
+cancel, runs, renew, rotate-dispatcher, revoke, list-locks, purge), their argument parsing, the human output (aligned tables,
 per-host blocks, a live progress line on a TTY), the `--json` output and the exit
 codes: 0 all hosts succeeded, 1 some host failed (or a thing named was not found),
 2 usage or config error, 3 auth denied, 4 lock conflict.
@@ -44,6 +44,7 @@ import ujson
 import config as config_mod
 import ctrlexec_agent as wire
 import engine as engine_mod
+import lifecycle
 import pairing
 import pki
 import service as service_mod
@@ -83,10 +84,14 @@ COMMAND_SUMMARY = """commands:
   list-agents [--tags k=v,...]   registered agents
   unpair NAME                    remove NAME from the registry
   run HOST... SCRIPT [-- ARGS...] [--async] [--follow] [--timeout N]
-  ping HOST...                   check agents (status, rtt, cert expiry, version)
+  ping HOST... [--no-renew]      check agents (status, rtt, cert expiry, days left, version);
+                                 renews certificates under agent_renew_days, warns under 30
   discovery [HOST...]            scripts and tags of agents (all by default)
   status REQID                   a stored run (async runs are refreshed)
   wait REQID [--timeout N]       wait for an async run to complete
+  renew HOST... | --all          renew agent certificates over mTLS (the agent keeps serving)
+  rotate-dispatcher [--finish]   new dispatcher certificate, pushed to every agent's trust map
+  revoke NAME                    remove NAME and refuse its certificate and key from now on
   list-locks                     host+script locks currently held
   purge                          delete run records past run_retention
 
@@ -390,6 +395,13 @@ def _build_hosts(parser: argparse.ArgumentParser) -> None:
     _add_credentials(parser)
 
 
+def _build_ping(parser: argparse.ArgumentParser) -> None:
+    """ping [HOST...] [--tags ...] [--no-renew] plus credentials."""
+    _build_hosts(parser)
+    parser.add_argument("--no-renew", action="store_true",
+                        help="do not renew certificates with fewer than agent_renew_days left")
+
+
 def _build_discovery(parser: argparse.ArgumentParser) -> None:
     """[HOST...] [--tags ...] plus credentials (discovery)."""
     parser.add_argument("hosts", nargs="*", metavar="HOST")
@@ -409,6 +421,20 @@ def _build_runs(parser: argparse.ArgumentParser) -> None:
     """runs [--script S] [--host H] [--user U] [--state ST] [--since EPOCH] [--limit N]."""
     for name in ("script", "host", "user", "state", "since", "limit", "offset"):
         parser.add_argument("--" + name, default=None)
+
+
+def _build_renew(parser: argparse.ArgumentParser) -> None:
+    """renew HOST... | --all | --tags k=v,..."""
+    parser.add_argument("hosts", nargs="*", metavar="HOST")
+    parser.add_argument("--all", action="store_true", help="every registered agent")
+    _add_targets(parser)
+
+
+def _build_rotate_dispatcher(parser: argparse.ArgumentParser) -> None:
+    """rotate-dispatcher [--finish]."""
+    parser.add_argument("--finish", action="store_true",
+                        help="give up on agents still pending (they need re-pairing) and delete "
+                             "the previous dispatcher key")
 
 
 def _build_wait(parser: argparse.ArgumentParser) -> None:
@@ -634,17 +660,149 @@ def _cmd_ping(ctx: _Context) -> int:
     req = service_mod.validate_ping(ctx.request(**_host_fields(ctx.args)),
                                     max_hosts=ctx.cfg.max_hosts)
     reqid, results = ctx.service().ping(req, source_ip=CLI_SOURCE_IP)
+    _renew_due(ctx, results)
     ok = all(row.get("status") == "ok" for row in results)
     if ctx.json:
         _print_json({"ok": ok, "reqid": reqid, "results": results})
         return EXIT_OK if ok else EXIT_FAILED
-    _print_table(("HOST", "STATUS", "RTT", "CERT EXPIRY", "VERSION"),
+    _print_table(("HOST", "STATUS", "RTT", "CERT EXPIRY", "VERSION", "DAYS LEFT"),
                  [(row.get("host"), row.get("status"), row.get("rtt"), row.get("expiry"),
-                   row.get("version")) for row in results])
+                   row.get("version"),
+                   "" if row.get("days_left") is None else row.get("days_left"))
+                  for row in results])
     for row in results:
         if row.get("status") != "ok":
             _out("ERROR %s: %s" % (row.get("host"), row.get("error") or "no answer"))
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _renew_due(ctx: _Context, results: list) -> None:
+    """ping: renew agents with fewer than agent_renew_days left (CLI only: it reads the CA
+    key), then warn about every certificate still under lifecycle.WARN_DAYS days."""
+    due = [row["host"] for row in results if lifecycle.renewal_due(row, ctx.cfg.agent_renew_days)]
+    if due and not ctx.args.no_renew:
+        try:
+            renewed = lifecycle.renew(ctx.cfg, ctx.store.registry, ctx.engine(), due)
+        except lifecycle.LifecycleError as exc:
+            sys.stderr.write("warning: cannot renew %s: %s\n" % (", ".join(due), exc))
+            renewed = []
+        by_host = {row.get("host"): row for row in renewed}
+        for row in results:
+            outcome = by_host.get(row.get("host"))
+            if outcome is None:
+                continue
+            row["renewal"] = {k: outcome[k] for k in ("status", "expiry", "error") if k in outcome}
+            if outcome.get("status") == "renewed":
+                row.update(expiry=outcome["expiry"], days_left=lifecycle.days_left(outcome["expiry"]))
+                sys.stderr.write("renewed %s: certificate now expires %s\n"
+                                 % (row["host"], outcome["expiry"]))
+            else:
+                sys.stderr.write("warning: renewal of %s failed: %s\n"
+                                 % (row["host"], outcome.get("error")))
+    for row in results:
+        left = row.get("days_left")
+        if row.get("status") == "ok" and left is not None and left < lifecycle.WARN_DAYS:
+            sys.stderr.write("warning: %s certificate %s (%s); renew it: %s renew %s\n"
+                             % (row["host"], "expired %d days ago" % -left if left < 0
+                                else "expires in %d days" % left, row.get("expiry"), PROG,
+                                row["host"]))
+
+
+def _cmd_renew(ctx: _Context) -> int:
+    """renew HOST... | --all: renew agent certificates over their mTLS link."""
+    args = ctx.args
+    if args.all:
+        names = ctx.store.registry.names()
+    elif args.tags:
+        names = [rec["name"] for rec in ctx.store.registry.list(_tag_selector(args.tags))]
+    else:
+        names = list(dict.fromkeys(args.hosts))
+    if not names:
+        raise _usage("renew needs HOST names, --tags k=v,... or --all (and at least one "
+                     "registered agent)")
+    try:
+        rows = lifecycle.renew(ctx.cfg, ctx.store.registry, ctx.engine(), names)
+    except lifecycle.LifecycleError as exc:
+        raise CliError(str(exc), code=EXIT_USAGE, error="pki error") from None
+    ok = all(row.get("status") == "renewed" for row in rows)
+    if ctx.json:
+        _print_json({"ok": ok, "results": rows})
+        return EXIT_OK if ok else EXIT_FAILED
+    _print_table(("HOST", "STATUS", "CERT EXPIRY", "DAYS LEFT", "SERIAL"),
+                 [(row.get("host"), row.get("status"), row.get("expiry", ""),
+                   "" if row.get("days_left") is None else row.get("days_left"),
+                   row.get("serial", "")) for row in rows])
+    for row in rows:
+        if row.get("status") != "renewed":
+            _out("ERROR %s: %s" % (row.get("host"), _safe(row.get("error") or "no answer")))
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _cmd_rotate_dispatcher(ctx: _Context) -> int:
+    """rotate-dispatcher [--finish]: rotate the dispatcher certificate with overlap."""
+    ctx.engine()                # the current identity must load before anything changes
+
+    def make_engine(cert: str, key: str) -> Any:
+        try:
+            return engine_mod.Engine(cert=cert, key=key, ca=ctx.cfg.ca,
+                                     read_timeout=ctx.cfg.read_timeout,
+                                     max_parallel=ctx.cfg.max_parallel,
+                                     connect_timeout=ctx.cfg.connect_timeout)
+        except engine_mod.EngineError as exc:
+            raise lifecycle.LifecycleError(str(exc)) from None
+
+    try:
+        report = lifecycle.rotate_dispatcher(ctx.cfg, ctx.store.registry, make_engine,
+                                             finish=ctx.args.finish)
+    except (lifecycle.LifecycleError, OSError) as exc:
+        raise CliError("dispatcher rotation failed: %s" % exc, code=EXIT_USAGE,
+                       error="pki error") from None
+    done = report["phase"] == "done"
+    if ctx.json:
+        _print_json(dict(report, ok=done))
+        return EXIT_OK if done else EXIT_FAILED
+    _out("%s dispatcher certificate rotation: serial %s -> %s"
+         % ("started" if report["started"] else "continued", report["old_serial"],
+            report["new_serial"]))
+    _out("updated: %d agent(s)%s" % (len(report["updated"]), (": " + ", ".join(report["updated"]))
+                                      if report["updated"] else ""))
+    for row in report["pending"]:
+        _out("PENDING %s: %s" % (row["host"], _safe(row.get("error") or "not reached")))
+    if report["stale"]:
+        _out("stale (need re-pairing): %s" % ", ".join(report["stale"]))
+    if done:
+        _out("rotation complete: the previous certificate is retired and its key deleted")
+    else:
+        sys.stderr.write("warning: %d agent(s) still trust only the previous certificate; run "
+                         "`%s rotate-dispatcher` again when they are back (or --finish to give "
+                         "up on them: they would need re-pairing)\n" % (len(report["pending"]), PROG))
+    return EXIT_OK if done else EXIT_FAILED
+
+
+def _cmd_revoke(ctx: _Context) -> int:
+    """revoke NAME: remove it from the registry; renewal and pairing refuse its serial and key."""
+    name = ctx.args.name
+    registry = ctx.store.registry
+    record = registry.get(name)
+    if record is None:
+        raise CliError("no agent named %s (see `%s list-agents`)" % (name, PROG), error="not found")
+    peer_serial = ""
+    if not record.get("serial"):    # registered before serials were recorded: ask the agent
+        rows = ctx.engine().identify_all(registry.resolve([name]))
+        peer_serial = rows[0].get("serial", "") if rows and rows[0].get("status") == "ok" else ""
+    try:
+        entry = lifecycle.revoke(ctx.cfg, registry, name, peer_serial=peer_serial)
+    except lifecycle.LifecycleError as exc:
+        raise CliError(str(exc), error="not found") from None
+    if ctx.json:
+        _print_json(dict(entry, ok=True))
+        return EXIT_OK
+    _out("revoked %s (serial %s): removed from the registry; its certificate is never renewed "
+         "and its key never signed again" % (name, entry["serial"] or "unknown"))
+    if not entry["serial"] and not entry["spki_sha256"]:
+        sys.stderr.write("warning: the serial of %s is unknown (agent unreachable and not recorded "
+                         "at pairing); only its registry entry was removed\n" % name)
+    return EXIT_OK
 
 
 def _cmd_discovery(ctx: _Context) -> int:
@@ -837,12 +995,15 @@ _COMMANDS = {
     "list-agents": (_cmd_list_agents, _build_list_agents),
     "unpair": (_cmd_unpair, _build_name),
     "run": (_cmd_run, _build_run),
-    "ping": (_cmd_ping, _build_hosts),
+    "ping": (_cmd_ping, _build_ping),
     "discovery": (_cmd_discovery, _build_discovery),
     "status": (_cmd_status, _build_reqid),
     "wait": (_cmd_wait, _build_wait),
     "cancel": (_cmd_cancel, _build_cancel),
     "runs": (_cmd_runs, _build_runs),
+    "renew": (_cmd_renew, _build_renew),
+    "rotate-dispatcher": (_cmd_rotate_dispatcher, _build_rotate_dispatcher),
+    "revoke": (_cmd_revoke, _build_name),
     "list-locks": (_cmd_list_locks, _build_none),
     "purge": (_cmd_purge, _build_none),
 }

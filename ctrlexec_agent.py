@@ -34,7 +34,7 @@ __all__ = [
     "insecure_client_context", "json_bytes", "read_request", "encode_request",
     "encode_response", "read_response_head", "read_response", "utc_timestamp",
     "openssl_date", "atomic_write", "setup_logging", "log_action",
-    "run_auth_hook", "RateLimiter", "main",
+    "run_auth_hook", "RateLimiter", "cert_not_after", "write_trusted_map", "main",
 ]
 
 import argparse
@@ -766,6 +766,8 @@ class AgentConfig:
         #: Key of a pairing CSR: "auto" (P-256, then RSA-3072 if the dispatcher wants RSA),
         #: "ec-p256" or "rsa-3072".
         self.key_type = "auto"
+        #: Where a renewed certificate goes when ``cert`` is not writable by the agent.
+        self.cert_staging_path = ""
         self.tags: dict = {}
 
     def _abs(self, value: str) -> str:
@@ -801,6 +803,8 @@ def load_agent_config(path: str, *, require_files: bool = True) -> AgentConfig:
         _apply_agent_key(cfg, key, value, where)
     if not explicit_trusted:
         cfg.trusted_dispatchers_path = os.path.join(cfg.state_dir, "ctrl-exec-dispatchers")
+    if not cfg.cert_staging_path:
+        cfg.cert_staging_path = os.path.join(cfg.state_dir, "agent.crt.staged")
     if cfg.auth_hook and not (os.path.isfile(cfg.auth_hook) and os.access(cfg.auth_hook, os.X_OK)):
         raise ConfigError("%s: auth_hook %s does not exist or is not executable "
                           "(set it to an executable file, or remove the key)" % (cfg.path, cfg.auth_hook))
@@ -837,7 +841,7 @@ def _config_lines(path: str, raw: bytes):
 
 def _apply_agent_key(cfg: AgentConfig, key: str, value: str, where: str) -> None:
     if key in ("cert", "key", "ca", "revoked_serials", "trusted_dispatchers_path",
-               "allowlist", "state_dir", "auth_hook"):
+               "allowlist", "state_dir", "auth_hook", "cert_staging_path"):
         setattr(cfg, key, cfg._abs(value) if value else "")
     elif key == "port":
         cfg.port = _int_value(value, where, key, 1, 65535)
@@ -880,7 +884,7 @@ def _apply_agent_key(cfg: AgentConfig, key: str, value: str, where: str) -> None
             raise ConfigError("%s: key_type must be one of %s, got %r"
                               % (where, ", ".join(KEY_TYPES), value))
         cfg.key_type = value
-    elif key in ("executor_socket", "async_runs_dir", "cert_staging_path", "pairing_port",
+    elif key in ("executor_socket", "async_runs_dir", "pairing_port",
                  "dispatcher_serial_path"):
         log_action("warning", "config-warn", FILE=cfg.path, KEY=key,
                    REASON="not used by this agent")
@@ -1456,11 +1460,18 @@ class AgentServer:
     def __init__(self, cfg: AgentConfig, *, listen_socket: socket.socket | None = None) -> None:
         self.cfg = cfg
         self.state = self._load_state()
-        self.ctx = server_context(cfg.cert, cfg.key, cfg.ca)
+        #: The certificate being served: ``cert``, or a renewed one staged beside it.
+        self.cert_path = _adopt_staged_cert(cfg)
+        self.ctx = server_context(self.cert_path, cfg.key, cfg.ca)
+        #: Serialises certificate swaps (/renew-complete) and trust-map edits (/rotate-serial).
+        self.change_lock = threading.Lock()
         self.limiter = RateLimiter(cfg.rate_limit_volume, cfg.rate_limit_probe, cfg.rate_limit_disable)
         self.slots = threading.BoundedSemaphore(cfg.max_children)
         self.hostname = cfg.hostname or reported_hostname()
-        self.expiry = _cert_not_after(cfg.cert)
+        self.expiry = cert_not_after(self.cert_path)
+        if _expired(self.expiry):
+            log_action("err", "cert-expired", FILE=self.cert_path, EXPIRY=self.expiry,
+                       RESULT="dispatchers will refuse this agent; re-pair it (request-pairing)")
         self.async_store = AsyncStore(cfg.state_dir)
         self.running = RunningScripts()
         self.listener = listen_socket
@@ -1654,6 +1665,12 @@ class AgentServer:
             self._handle_result(tls, path[len("/result/"):], peer)
         elif method == "POST" and path == "/cancel":
             self._handle_cancel(tls, request, peer)
+        elif method == "POST" and path == "/renew":
+            self._handle_renew(tls, request, peer)
+        elif method == "POST" and path == "/renew-complete":
+            self._handle_renew_complete(tls, request, peer)
+        elif method == "POST" and path == "/rotate-serial":
+            self._handle_rotate_serial(tls, request, peer)
         else:
             self._send(tls, 404, {"error": "not found"})
 
@@ -1738,6 +1755,137 @@ class AgentServer:
         if record is None or record.get("status") != "running":
             return None
         return record
+
+    # -- certificate lifecycle: /renew, /renew-complete, /rotate-serial -------
+
+    def _handle_renew(self, tls, request: Request, peer) -> None:
+        """POST /renew {reqid}: a CSR from the agent's existing key (the key never changes)."""
+        reqid = _body_reqid(request)
+        name = _cert_common_name(self.cert_path) or self.hostname
+        try:
+            csr = _openssl_csr(self.cfg.key, name)
+        except PairingError as exc:
+            log_action("err", "renew", PEER=peer.ip, DISPATCHER=peer.dispatcher, REQID=reqid or "(none)",
+                       ERROR=str(exc))
+            self._send(tls, 200, {"status": "error", "error": str(exc), "reqid": reqid})
+            return
+        log_action("info", "renew", STATUS="csr", PEER=peer.ip, DISPATCHER=peer.dispatcher,
+                   REQID=reqid or "(none)", CN=name)
+        self._send(tls, 200, {"status": "ok", "csr": csr.decode("ascii"), "reqid": reqid})
+
+    def _handle_renew_complete(self, tls, request: Request, peer) -> None:
+        """POST /renew-complete {cert, ca, reqid}: check the new certificate, then serve it.
+
+        It must chain to this agent's ca.crt, be valid now and carry this agent's public
+        key. The new TLS context is swapped in with one assignment: connections already
+        open finish on the old certificate, new ones get the new one, nothing restarts.
+        """
+        body = _json_object(request.body) or {}
+        reqid = _body_reqid(request)
+        cert_pem = body.get("cert")
+        if not isinstance(cert_pem, str) or "-----BEGIN CERTIFICATE-----" not in cert_pem \
+                or len(cert_pem) > MAX_PAIRING_BODY_BYTES:
+            self._send(tls, 200, {"status": "error", "reqid": reqid,
+                                  "error": "cert must be one PEM certificate (at most %d bytes)"
+                                           % MAX_PAIRING_BODY_BYTES})
+            return
+        try:
+            with self.change_lock:
+                staged = self._adopt_cert(cert_pem.encode("ascii", "replace"))
+        except PairingError as exc:
+            log_action("err", "renew-complete", PEER=peer.ip, DISPATCHER=peer.dispatcher,
+                       REQID=reqid or "(none)", ERROR=str(exc))
+            self._send(tls, 200, {"status": "error", "error": str(exc), "reqid": reqid})
+            return
+        log_action("info", "renew-complete", PEER=peer.ip, DISPATCHER=peer.dispatcher,
+                   REQID=reqid or "(none)", EXPIRY=self.expiry, FILE=self.cert_path)
+        self._send(tls, 200, {"status": "ok", "reqid": reqid, "staged": staged,
+                              "adopted": True, "expiry": self.expiry})
+
+    def _adopt_cert(self, cert_pem: bytes) -> bool:
+        """Check and install a renewed certificate; True when it went to the staging path
+        (``cert`` not writable). Raises PairingError saying what is wrong with it."""
+        folder = self.cfg.state_dir if os.path.isdir(self.cfg.state_dir) else None
+        with tempfile.TemporaryDirectory(prefix="ctrl-exec-renew-", dir=folder) as tmp:
+            candidate = os.path.join(tmp, "agent.crt")
+            atomic_write(candidate, cert_pem, 0o600)
+            _check_renewed_cert(candidate, self.cfg)
+            try:
+                ctx = server_context(candidate, self.cfg.key, self.cfg.ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise PairingError("the certificate cannot be served with the agent key: %s" % exc)
+        staged = False
+        try:
+            atomic_write(self.cfg.cert, cert_pem, _file_mode(self.cfg.cert, 0o640))
+            path = self.cfg.cert
+        except OSError:
+            try:
+                atomic_write(self.cfg.cert_staging_path, cert_pem, 0o640)
+            except OSError as exc:
+                raise PairingError("cannot write the renewed certificate to %s or %s: %s"
+                                   % (self.cfg.cert, self.cfg.cert_staging_path, exc.strerror))
+            path, staged = self.cfg.cert_staging_path, True
+        if not staged and os.path.exists(self.cfg.cert_staging_path):
+            try:
+                os.unlink(self.cfg.cert_staging_path)
+            except OSError:
+                pass
+        self.ctx = ctx
+        self.cert_path = path
+        self.expiry = cert_not_after(path)
+        return staged
+
+    def _handle_rotate_serial(self, tls, request: Request, peer) -> None:
+        """POST /rotate-serial {serial, action: add|remove, token}: edit the trusted map
+        for the caller's own dispatcher id (taken from its serial, never from the body)."""
+        body = _json_object(request.body) or {}
+        serial = canonical_serial(body["serial"]) if isinstance(body.get("serial"), str) else ""
+        action = body.get("action")
+        if not serial:
+            self._send(tls, 200, {"status": "error", "error": "serial required"})
+            return
+        if action not in ("add", "remove"):
+            self._send(tls, 200, {"status": "error",
+                                  "error": "invalid action '%s' (accepted: add, remove)" % (action,)})
+            return
+        if action == "remove" and serial == peer.serial:
+            self._send(tls, 200, {"status": "error",
+                                  "error": "refusing to remove the serial of the calling certificate "
+                                           "(it would lock this dispatcher out); remove it with the "
+                                           "new certificate"})
+            return
+        if self.cfg.auth_hook:
+            token = body.get("token") if isinstance(body.get("token"), str) else ""
+            verdict = self._hook("rotate", peer, script="", args=[action, serial], username="",
+                                 token=token, reqid="")
+            if not verdict.allowed:
+                log_action("warning", "rotate-deny", PEER=peer.ip, DISPATCHER=peer.dispatcher,
+                           REASON=verdict.error)
+                self._send(tls, 403, {"error": "not authorised: %s" % verdict.error})
+                return
+        with self.change_lock:
+            trusted = load_trusted_map(self.cfg.trusted_dispatchers_path)
+            owner = trusted.get(serial)
+            if action == "remove" and owner is not None and owner != peer.dispatcher:
+                self._send(tls, 200, {"status": "error", "error": "serial not owned by '%s'"
+                                                                  % peer.dispatcher})
+                return
+            if action == "add":
+                trusted[serial] = peer.dispatcher
+            else:
+                trusted.pop(serial, None)
+            try:
+                write_trusted_map(self.cfg.trusted_dispatchers_path, trusted)
+            except OSError as exc:
+                log_action("err", "rotate-serial", ERROR=exc.strerror, FILE=self.cfg.trusted_dispatchers_path)
+                self._send(tls, 200, {"status": "error", "error": "cannot write the trusted map: %s"
+                                                                  % exc.strerror})
+                return
+        log_action("info", "rotate-serial", ACTION_NAME=action, SERIAL=serial, PEER=peer.ip,
+                   DISPATCHER=peer.dispatcher)
+        self.reload()
+        self._send(tls, 200, {"status": "ok", "action": action, "serial": serial,
+                              "dispatcher": peer.dispatcher})
 
     def _handle_run(self, tls, request: Request, state: AgentState, peer) -> None:
         body = _json_object(request.body)
@@ -1956,12 +2104,108 @@ def _discard_input(tls: ssl.SSLSocket, limit_s: float = 1.0) -> None:
         return
 
 
-def _cert_not_after(path: str) -> str:
+def cert_not_after(path: str) -> str:
     """Return the certificate's openssl ``notAfter`` text, or ``unknown``."""
     try:
         return ssl._ssl._test_decode_cert(path)["notAfter"]
     except (AttributeError, KeyError, OSError, ssl.SSLError, ValueError):
         return "unknown"
+
+
+def _body_reqid(request: Request) -> str:
+    """The reqid of a JSON request body when it is a valid one, else ""."""
+    body = _json_object(request.body) or {}
+    reqid = body.get("reqid")
+    return reqid if isinstance(reqid, str) and RESULT_REQID_RE.match(reqid) else ""
+
+
+def _file_mode(path: str, default: int) -> int:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return default
+
+
+def _cert_fields(path: str) -> dict:
+    try:
+        return ssl._ssl._test_decode_cert(path)
+    except (AttributeError, OSError, ssl.SSLError, ValueError):
+        return {}
+
+
+def _cert_common_name(path: str) -> str:
+    """The subject CN of a PEM certificate file, or ""."""
+    for rdn in _cert_fields(path).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return ""
+
+
+def _expired(not_after: str) -> bool:
+    """True when an openssl notAfter text lies in the past (unknown: False)."""
+    try:
+        return ssl.cert_time_to_seconds(not_after) < time.time()
+    except (ValueError, TypeError):
+        return False
+
+
+def _check_renewed_cert(path: str, cfg: AgentConfig) -> None:
+    """A renewed certificate must chain to our CA, be valid now and carry our key."""
+    try:
+        verdict = subprocess.run(["openssl", "verify", "-CAfile", cfg.ca, path],
+                                 capture_output=True, timeout=30)
+        cert_key = subprocess.run(["openssl", "x509", "-noout", "-pubkey", "-in", path],
+                                  capture_output=True, timeout=30)
+        our_key = subprocess.run(["openssl", "pkey", "-pubout", "-in", cfg.key],
+                                 capture_output=True, timeout=30)
+    except FileNotFoundError:
+        raise PairingError("the openssl binary is required to check a renewed certificate")
+    except subprocess.TimeoutExpired:
+        raise PairingError("openssl timed out checking the renewed certificate")
+    if verdict.returncode != 0:
+        detail = (verdict.stdout + verdict.stderr).decode("utf-8", "replace").strip().splitlines()
+        raise PairingError("certificate does not verify against %s: %s"
+                           % (cfg.ca, detail[-1] if detail else "openssl verify failed"))
+    if our_key.returncode != 0:
+        raise PairingError("agent key not available")
+    if cert_key.returncode != 0 or cert_key.stdout.strip() != our_key.stdout.strip():
+        raise PairingError("certificate public key does not match the agent key")
+
+
+def _adopt_staged_cert(cfg: AgentConfig) -> str:
+    """At start: a staged renewed certificate that is valid for our key and expires later
+    than ``cert`` replaces it (or is served from the staging path when ``cert`` is not
+    writable); an invalid staged file is removed and logged. Returns the path to serve."""
+    staged = cfg.cert_staging_path
+    if not staged or not os.path.isfile(staged):
+        return cfg.cert
+    try:
+        _check_renewed_cert(staged, cfg)
+    except PairingError as exc:
+        log_action("warning", "promote-cert", FILE=staged, RESULT="removed", ERROR=str(exc))
+        try:
+            os.unlink(staged)
+        except OSError:
+            pass
+        return cfg.cert
+    try:
+        newer = (ssl.cert_time_to_seconds(cert_not_after(staged))
+                 > ssl.cert_time_to_seconds(cert_not_after(cfg.cert)))
+    except ValueError:
+        newer = True
+    if not newer:
+        return cfg.cert
+    try:
+        with open(staged, "rb") as handle:
+            atomic_write(cfg.cert, handle.read(), _file_mode(cfg.cert, 0o640))
+        os.unlink(staged)
+    except OSError:
+        log_action("info", "promote-cert", FILE=staged, RESULT="served from the staging path "
+                   "(cert is not writable by the agent)")
+        return staged
+    log_action("info", "promote-cert", FILE=cfg.cert, RESULT="installed the staged certificate")
+    return cfg.cert
 
 
 ###############################################################################
@@ -2101,6 +2345,11 @@ def add_trusted_dispatcher(path: str, serial: str, dispatcher_id: str) -> None:
     """Add or replace ``<serial> <dispatcher_id>`` in the trusted map (atomic, 0644)."""
     trusted = load_trusted_map(path)
     trusted[canonical_serial(serial)] = dispatcher_id
+    write_trusted_map(path, trusted)
+
+
+def write_trusted_map(path: str, trusted: dict) -> None:
+    """Write the trusted map ``{serial: dispatcher_id}`` (atomic, 0644)."""
     lines = ["# ctrl-exec trusted dispatchers: <serial> <dispatcher_id>",
              "# written by ctrlexec_agent.py; reload the agent (SIGHUP) after editing"]
     lines += ["%s %s" % (s, trusted[s]) for s in sorted(trusted)]
@@ -2117,6 +2366,20 @@ def _pairing_answer(reader: SocketReader) -> dict:
     if not isinstance(answer, dict):
         raise PairingError("the pairing port answered with a non-object JSON body")
     return answer
+
+
+def _openssl_csr(key_path: str, name: str) -> bytes:
+    """A CSR for ``CN=name`` from an existing key (renewal keeps the agent's key)."""
+    if not os.access(key_path, os.R_OK):
+        raise PairingError("agent key not available")
+    try:
+        return subprocess.run(["openssl", "req", "-new", "-sha256", "-key", key_path,
+                               "-subj", "/CN=%s" % name],
+                              check=True, capture_output=True, timeout=30).stdout
+    except FileNotFoundError:
+        raise PairingError("could not generate CSR (the openssl binary is required)")
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        raise PairingError("could not generate CSR")
 
 
 def _openssl_key_and_csr(name: str, key_type: str = "ec-p256") -> tuple:
@@ -2220,7 +2483,7 @@ def _cmd_self_check(cfg: AgentConfig) -> int:
         print("  %-24s %s  %s" % (name, path, state))
     print("trusted     %s: %d dispatcher(s)" % (cfg.trusted_dispatchers_path, len(trusted)))
     paired = all(os.path.isfile(p) for p in (cfg.cert, cfg.key, cfg.ca))
-    print("certificate %s" % ("expires %s" % _cert_not_after(cfg.cert) if paired else "not paired yet"))
+    print("certificate %s" % ("expires %s" % cert_not_after(cfg.cert) if paired else "not paired yet"))
     return 0
 
 
@@ -2229,7 +2492,7 @@ def _cmd_pairing_status(cfg: AgentConfig) -> int:
     if missing:
         print("Not paired. Reason: missing %s" % ", ".join(missing))
         return 1
-    expiry = _cert_not_after(cfg.cert)
+    expiry = cert_not_after(cfg.cert)
     if expiry == "unknown":
         print("Not paired. Reason: %s is not a readable certificate" % cfg.cert)
         return 1

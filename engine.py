@@ -24,6 +24,7 @@ __all__ = [
 
 import collections
 import errno
+import os
 import socket
 import ssl
 import time
@@ -54,6 +55,8 @@ SESSION_CACHE_MAX = 4096
 
 NDJSON_TYPE = "application/x-ndjson"
 
+#: OpenSSL's X509_V_ERR_CERT_HAS_EXPIRED (ssl.SSLCertVerificationError.verify_code).
+_CERT_HAS_EXPIRED = 10
 #: How often a RunControl asks whether its run was cancelled by another process.
 CANCEL_CHECK_S = 0.5
 #: The honest per-host states of a finished run row (row_state).
@@ -179,12 +182,9 @@ class Engine:
                             ("max_parallel", max_parallel)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise EngineError("%s must be a positive number, got %r" % (name, value))
-        try:
-            self._ctx = wire.client_context(cert, key, ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise EngineError("cannot load the dispatcher TLS files (cert %s, key %s, ca %s): %s - "
-                              "check the cert, key and ca keys of ctrl-exec.conf"
-                              % (cert, key, ca, getattr(exc, "strerror", None) or exc)) from exc
+        self._tls_files = (cert, key, ca)
+        self._ctx = self._load_context()
+        self._tls_stamp = _files_stamp(cert, key)
         self.read_timeout = float(read_timeout)
         self.connect_timeout = float(connect_timeout)
         self.max_parallel = int(max_parallel)
@@ -192,6 +192,11 @@ class Engine:
         self._sessions: dict = {}
         #: Counters: handshakes, resumed, session_retry (for bench and tests).
         self.stats = collections.Counter()
+
+    @property
+    def own_expiry(self) -> str:
+        """The dispatcher certificate's notAfter text ("Jun  7 16:28:00 2027 GMT" or "unknown")."""
+        return wire.cert_not_after(self._tls_files[0])
 
     @classmethod
     def from_config(cls, cfg) -> "Engine":
@@ -309,6 +314,78 @@ class Engine:
                                  t, request, total_s=self.read_timeout + grace, accept=(200, 404))),
                              reqid=reqid)
 
+    def renew_all(self, targets: list, *, sign, ca_pem: str = "") -> list:
+        """Renew each target's certificate over its mTLS link (reference §4.5).
+
+        POST /renew (a CSR from the agent's key), ``sign(target, csr_pem, peer_serial)``
+        (returns the certificate PEM, or raises with the reason it is refused), then
+        POST /renew-complete {cert, ca, reqid}; a fresh reqid per agent.
+        Returns:
+            [{host, status:"renewed", expiry, staged, reqid, rtt} or
+             {host, status:"error", error, reqid, rtt}] in request order.
+        """
+        def one(target) -> dict:
+            started = time.monotonic()
+            reqid = wire.new_reqid()
+            asked = self._exchange(target, wire.encode_request("POST", "/renew", {"reqid": reqid}),
+                                   accept=(200, 404), want_peer=True)
+            error = asked.error or _renew_refusal("/renew", asked, "csr")
+            if not error:
+                try:
+                    cert_pem = sign(target, asked.body["csr"], asked.peer)
+                except Exception as exc:  # the signer's refusal is the row's error; logged
+                    error = "renewal refused: %s" % exc
+            if not error:
+                body = {"cert": cert_pem.decode("ascii") if isinstance(cert_pem, bytes) else cert_pem,
+                        "ca": ca_pem, "reqid": reqid}
+                done = self._exchange(target, wire.encode_request("POST", "/renew-complete", body),
+                                      accept=(200, 404))
+                error = done.error or _renew_refusal("/renew-complete", done, "")
+            if error:
+                return {"host": target.entry, "status": "error", "error": error, "reqid": reqid,
+                        "rtt": _rtt(started)}
+            return {"host": target.entry, "status": "renewed", "reqid": reqid,
+                    "expiry": _text(done.body.get("expiry")), "staged": done.body.get("staged") is True,
+                    "rtt": _rtt(started)}
+
+        return self._fan_out("renew", targets, one)
+
+    def identify_all(self, targets: list) -> list:
+        """POST /ping to every target and note the serial of the certificate it presents.
+
+        Returns: [{host, status:"ok", serial, expiry, rtt} or {host, status:"error", error, rtt}].
+        """
+        request = wire.encode_request("POST", "/ping", {"reqid": wire.new_reqid()})
+
+        def one(target) -> dict:
+            answer = self._exchange(target, request, want_peer=True)
+            if answer.error:
+                return {"host": target.entry, "status": "error", "error": answer.error,
+                        "rtt": answer.rtt}
+            return {"host": target.entry, "status": "ok", "serial": answer.peer,
+                    "expiry": _text(answer.body.get("expiry")), "rtt": answer.rtt}
+
+        return self._fan_out("identify", targets, one)
+
+    def rotate_serial_all(self, targets: list, *, serial: str, action: str, token: str = "") -> list:
+        """POST /rotate-serial {serial, action: add|remove, token} to every target.
+
+        Returns:
+            [{host, status:"ok", action, serial, rtt} or {host, status:"error", error, rtt}].
+        """
+        request = wire.encode_request("POST", "/rotate-serial",
+                                      {"serial": serial, "action": action, "token": token or ""})
+
+        def one(target) -> dict:
+            answer = self._exchange(target, request, accept=(200, 404))
+            error = answer.error or _renew_refusal("/rotate-serial", answer, "")
+            if error:
+                return {"host": target.entry, "status": "error", "error": error, "rtt": answer.rtt}
+            return {"host": target.entry, "status": "ok", "action": action, "serial": serial,
+                    "rtt": answer.rtt}
+
+        return self._fan_out("rotate-serial", targets, one)
+
     # --- private ---
 
     def _fan_out(self, action: str, targets: list, one, *, reqid: str = "", script: str = "",
@@ -361,13 +438,15 @@ class Engine:
         return rows
 
     def _exchange(self, target, request: bytes, *, total_s: float | None = None,
-                  idle_s: float | None = None, stream_cb=None, accept: tuple = (200,)):
+                  idle_s: float | None = None, stream_cb=None, accept: tuple = (200,),
+                  want_peer: bool = False):
         """One connection, one request, one answer; transport failures become ``error``.
 
         ``total_s`` bounds the whole answer (default read_timeout); ``idle_s`` bounds
         the silence between NDJSON events. With ``stream_cb``, an NDJSON answer's
         events go to it and the final exit event is returned as the body.
-        Returns: _Answer(status, body, error, rtt, streamed).
+        Returns: _Answer(status, body, error, rtt, streamed, peer) - peer is the agent
+        certificate's canonical serial when ``want_peer``, else "".
         """
         started = time.monotonic()
         stage = "connect"
@@ -375,8 +454,11 @@ class Engine:
         if total_s is None and idle_s is None:
             total_s = self.read_timeout
         limit_s = total_s if total_s is not None else idle_s
+        peer = ""
         try:
             tls = self._open(target)
+            if want_peer:
+                peer = wire.peer_serial(tls)
             # TLS 1.3 completes our side of a full handshake before the agent has
             # checked our certificate; a refusal then shows up while we await the answer.
             stage = "answer-tls13" if tls.version() == "TLSv1.3" and not tls.session_reused else "answer"
@@ -400,14 +482,15 @@ class Engine:
         except (OSError, wire.ProtocolError, _HttpStatus, _BadAnswer, _HandshakeFailed,
                 _ConnectTimeout) as exc:
             return _Answer(None, None, self._transport_error(target, exc, stage, limit_s),
-                           _rtt(started), False)
+                           _rtt(started), False, peer)
         finally:
             if tls is not None:
                 tls.close()
-        return _Answer(status, body, "", _rtt(started), streamed)
+        return _Answer(status, body, "", _rtt(started), streamed, peer)
 
     def _open(self, target):
         """Connect and handshake within connect_timeout, resuming a cached session."""
+        self._reload_if_changed()
         key = (target.address, target.port or wire.AGENT_PORT)
         session = self._sessions.get(key)
         with gevent.Timeout(self.connect_timeout, _ConnectTimeout):
@@ -421,6 +504,36 @@ class Engine:
                 self._sessions.pop(key, None)
                 self.stats["session_retry"] += 1
                 return self._connect(key, None)
+
+    def _load_context(self) -> ssl.SSLContext:
+        cert, key, ca = self._tls_files
+        try:
+            return wire.client_context(cert, key, ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise EngineError("cannot load the dispatcher TLS files (cert %s, key %s, ca %s): %s - "
+                              "check the cert, key and ca keys of ctrl-exec.conf"
+                              % (cert, key, ca, getattr(exc, "strerror", None) or exc)) from exc
+
+    def _reload_if_changed(self) -> None:
+        """Pick up a rotated dispatcher certificate (rotate-dispatcher) without a restart.
+
+        Looked at before every connection (two stat calls, a few microseconds), so no
+        exchange starts with a pair that was already replaced; a pair that does not load
+        (a half-finished swap) keeps the current context and is tried again next time.
+        """
+        stamp = _files_stamp(*self._tls_files[:2])
+        if stamp == self._tls_stamp:
+            return
+        try:
+            self._ctx = self._load_context()
+        except EngineError as exc:
+            wire.log_action("err", "dispatcher-cert-reload", RESULT="kept the loaded certificate",
+                            ERROR=str(exc))
+            return
+        self._tls_stamp = stamp
+        self._sessions.clear()      # sessions belong to the old context
+        wire.log_action("info", "dispatcher-cert-reload", CERT=self._tls_files[0],
+                        EXPIRY=self.own_expiry)
 
     def _connect(self, key: tuple, session):
         """TCP connect + TLS handshake; handshake failures raise _HandshakeFailed."""
@@ -469,7 +582,7 @@ class Engine:
         if stage == "answer-tls13" and _closed_abruptly(exc):
             # An agent that refuses our certificate sends an alert and closes;
             # our request racing that close turns the alert into a reset or EOF.
-            return "TLS handshake with '%s' failed - certificate or trust mismatch" % host
+            return self._trust_failure(target)
         if isinstance(exc, wire.ProtocolError):
             if exc.error == "no response":
                 return "no response from agent - connection closed before an answer"
@@ -480,10 +593,16 @@ class Engine:
             cause = exc.cause
             if isinstance(cause, TimeoutError):
                 return "host '%s' did not respond - connection timed out" % host
-            if isinstance(cause, _CLOSED_DURING_HANDSHAKE):
+            if isinstance(cause, ssl.SSLCertVerificationError) \
+                    and cause.verify_code == _CERT_HAS_EXPIRED:
+                return ("TLS handshake with '%s' failed - agent '%s' certificate expired on %s; "
+                        "it cannot be renewed over TLS any more: re-pair it "
+                        "(ctrlexec_agent.py request-pairing on the agent)"
+                        % (host, target.name, self._peer_not_after(target)))
+            if isinstance(cause, _CLOSED_DURING_HANDSHAKE) and not self._own_cert_expired():
                 return ("host '%s' closed the connection during the TLS handshake - agent overloaded, "
                         "rate-limited, or this address not in its allowed_ips" % host)
-            return "TLS handshake with '%s' failed - certificate or trust mismatch" % host
+            return self._trust_failure(target)
         if isinstance(exc, socket.gaierror):
             return "host '%s' did not resolve - check the name or use an IP address" % host
         if isinstance(exc, ConnectionRefusedError):
@@ -496,12 +615,46 @@ class Engine:
         if isinstance(exc, ssl.SSLError) and _is_cert_alert(exc):
             # TLS 1.3: the agent checks our certificate after our side of the
             # handshake is done, so its refusal arrives as an alert on first read.
-            return "TLS handshake with '%s' failed - certificate or trust mismatch" % host
+            return self._trust_failure(target)
         if isinstance(exc, OSError) and exc.errno in _UNREACHABLE:
             return "host '%s' is unreachable - no route to host or network down" % host
         if isinstance(exc, OSError) and exc.strerror:
             return exc.strerror
         return str(exc) or type(exc).__name__
+
+    def _trust_failure(self, target) -> str:
+        """A refused handshake: our expired certificate when it is, else a trust mismatch."""
+        host = target.address
+        if self._own_cert_expired():
+            return ("TLS handshake with '%s' failed - agent '%s' refused this control host's "
+                    "certificate, which expired on %s (%s); issue a new one (setup-dispatcher) "
+                    "and re-pair the agents" % (host, target.name, self.own_expiry,
+                                                self._tls_files[0]))
+        return "TLS handshake with '%s' failed - certificate or trust mismatch" % host
+
+    def _own_cert_expired(self) -> bool:
+        try:
+            return ssl.cert_time_to_seconds(self.own_expiry) < time.time()
+        except ValueError:
+            return False
+
+    def _peer_not_after(self, target) -> str:
+        """The notAfter of the certificate an agent presents, read over an unverified
+        handshake (only to word an error: nothing is sent), or "an unknown date"."""
+        cert, key, _ca = self._tls_files
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.load_cert_chain(cert, key)
+            with gevent.Timeout(self.connect_timeout, _ConnectTimeout):
+                sock = _dial((target.address, target.port or wire.AGENT_PORT), self.connect_timeout)
+                with ctx.wrap_socket(sock) as tls:
+                    der = tls.getpeercert(binary_form=True)
+            from cryptography import x509  # only on this error path
+            return wire.openssl_date(x509.load_der_x509_certificate(der).not_valid_after_utc)
+        except (OSError, ValueError, TypeError, _ConnectTimeout, ImportError):
+            return "an unknown date"
 
     def _stream_one(self, target, request: bytes, script: str, reqid: str, on_event,
                     idle_s: float, total_s: float | None) -> dict:
@@ -561,7 +714,7 @@ class Engine:
         wire.log_action("err" if failed else "info", action, **fields)
 
 
-_Answer = collections.namedtuple("_Answer", "status body error rtt streamed")
+_Answer = collections.namedtuple("_Answer", "status body error rtt streamed peer")
 
 
 class _HttpStatus(Exception):
@@ -587,6 +740,30 @@ class _HandshakeFailed(Exception):
 
 class _ConnectTimeout(Exception):
     """connect_timeout passed during name lookup, connect or handshake (gevent.Timeout)."""
+
+
+def _files_stamp(*paths: str) -> tuple:
+    """(mtime_ns, size, inode) of each file, None for a missing one: changes on replace."""
+    stamp = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+            stamp.append((info.st_mtime_ns, info.st_size, info.st_ino))
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
+def _renew_refusal(path: str, answer, field: str) -> str:
+    """The error of a lifecycle answer (/renew, /renew-complete, /rotate-serial), or ""."""
+    if answer.status == 404:
+        return "this agent does not support %s (HTTP 404; upgrade the agent)" % path
+    body = answer.body
+    if body.get("status") != "ok":
+        return "agent refused %s: %s" % (path, _text(body.get("error")) or "no reason given")
+    if field and not isinstance(body.get(field), str):
+        return "agent answer to %s has no %s" % (path, field)
+    return ""
 
 
 def _dial(key: tuple, timeout: float) -> socket.socket:

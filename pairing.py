@@ -34,6 +34,7 @@ import threading
 import time
 
 import ctrlexec_agent as wire
+import lifecycle
 import pki
 import store
 
@@ -350,15 +351,18 @@ def approve(cfg, registry, reqid: str, *, lookup_by: str | None = None,
         agent_port = pki.check_port(agent_port)
         dispatcher_serial = pki.dispatcher_serial(cfg)
         ca_pem = pki.read_ca_cert(cfg.ca_dir)
-        cert_pem = pki.sign_csr(cfg.ca_dir, str(record.get("csr", "")).encode("utf-8"),
-                                days=pki.LEAF_DAYS)
+        csr_pem = str(record.get("csr", "")).encode("utf-8")
+        public_key = pki.check_csr(csr_pem).public_key()
+        lifecycle.check_not_revoked(cfg, public_key=public_key)
+        cert_pem = pki.sign_csr(cfg.ca_dir, csr_pem, days=pki.LEAF_DAYS)
         serial, expiry = pki.cert_serial(cert_pem), pki.cert_expiry(cert_pem)
-    except pki.PKIError as exc:
+    except (pki.PKIError, lifecycle.LifecycleError) as exc:
         raise PairingError(str(exc)) from None
     entry = {
         "hostname": name, "ip": ip, "port": agent_port, "lookup_by": lookup_by,
         "paired": wire.utc_timestamp(), "expiry": expiry, "tags": _existing_tags(registry, name),
         "dispatcher_serial": dispatcher_serial, "serial_status": "current",
+        "serial": serial, "spki_sha256": pki.spki_sha256(public_key),
     }
     try:
         registry.put(name, entry)

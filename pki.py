@@ -19,11 +19,12 @@ __all__ = [
     "CA_COMMON_NAME", "DISPATCHER_COMMON_NAME",
     "CA_DAYS", "LEAF_DAYS", "MAX_CSR_BYTES",
     "create_ca", "create_dispatcher_cert", "issue_cert",
-    "check_csr", "sign_csr", "cert_serial", "cert_expiry",
+    "check_csr", "sign_csr", "cert_serial", "cert_expiry", "spki_sha256",
     "read_ca_cert", "dispatcher_serial", "enroll", "check_port",
 ]
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import re
@@ -206,6 +207,13 @@ def cert_serial(cert_pem) -> str:
     return wire.canonical_serial(text)
 
 
+def spki_sha256(public_key) -> str:
+    """SHA-256 hex of a public key's DER SubjectPublicKeyInfo (what revocation matches on)."""
+    der = public_key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
 def cert_expiry(cert_pem) -> str:
     """Return the certificate's notAfter as openssl prints it ("Jun  7 16:28:00 2027 GMT").
 
@@ -276,6 +284,8 @@ def enroll(cfg, registry, name: str, *, address: str, port: int = wire.AGENT_POR
         "hostname": name, "ip": address, "port": port, "lookup_by": "ip",
         "paired": wire.utc_timestamp(), "expiry": cert_expiry(cert_pem), "tags": tags,
         "dispatcher_serial": serial, "serial_status": "current",
+        "serial": cert_serial(cert_pem),
+        "spki_sha256": spki_sha256(_load_cert(cert_pem).public_key()),
     }
     _registry_put(registry, name, record)
     wire.log_action("info", "enroll", agent=name, ip=address, port=port,

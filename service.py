@@ -50,6 +50,7 @@ import ujson
 import auth
 import ctrlexec_agent as wire
 import engine as engine_mod
+import lifecycle
 import store as store_mod
 
 # --- constants -------------------------------------------------------------------
@@ -683,7 +684,11 @@ class Service:
         self.authorise("ping", source_ip=source_ip, username=req["username"], token=req["token"],
                        hosts=hosts, reqid=reqid)
         targets = self.store.registry.resolve(hosts)
-        return reqid, self.engine.ping_all(targets, reqid=reqid)
+        rows = self.engine.ping_all(targets, reqid=reqid)
+        for row in rows:
+            if row.get("status") == "ok":
+                row["days_left"] = lifecycle.days_left(row.get("expiry"))
+        return reqid, rows
 
     def discovery(self, req: dict, *, source_ip: str) -> dict:
         """Capabilities keyed by registry name (action ping); tags cached in the registry.
@@ -706,6 +711,7 @@ class Service:
         for target, row in zip(targets, self.engine.capabilities_all(targets)):
             if row.get("status") == "ok" and target.address is not None:
                 self._cache_tags(target.name, row["tags"])
+                self._add_expiry(target.name, row)
             found[target.name] = row
         return found
 
@@ -728,6 +734,16 @@ class Service:
         return names, sorted(scripts)
 
     # --- private ---
+
+    def _add_expiry(self, name: str, row: dict) -> None:
+        """Discovery rows carry the registry's certificate expiry and the days left."""
+        try:
+            record = self.store.registry.get(name) or {}
+        except store_mod.CorruptRecord:
+            return
+        if record.get("expiry"):
+            row["expiry"] = str(record["expiry"])
+            row["days_left"] = lifecycle.days_left(row["expiry"])
 
     def _hold(self, plan: RunPlan, targets: list) -> Any:
         """Take every host+script lock of the plan, all or nothing (store.LockConflict).

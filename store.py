@@ -280,7 +280,8 @@ class Registry:
 
     Args: source: a state_dir (files: agents/<name>.json) or a RegistryBackend.
     Record: {"hostname", "ip", "port", "lookup_by": "ip"|"hostname", "paired",
-    "expiry", "tags": {}, "dispatcher_serial", "serial_status"}.
+    "expiry", "tags": {}, "dispatcher_serial", "serial_status", "serial" (the agent
+    certificate's), "spki_sha256" (its public key's), "renewed"}.
     """
 
     def __init__(self, source: str | os.PathLike | RegistryBackend) -> None:

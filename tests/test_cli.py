@@ -160,7 +160,8 @@ def test_bootstrap_from_empty_directory_setup_enroll_ping(tmp_path):
         human = cli(conf, "ping", *names)
         assert human.returncode == 0, human.stdout + human.stderr
         lines = human.stdout.splitlines()
-        assert lines[0].split() == ["HOST", "STATUS", "RTT", "CERT", "EXPIRY", "VERSION"]
+        assert lines[0].split() == ["HOST", "STATUS", "RTT", "CERT", "EXPIRY", "VERSION", "DAYS",
+                                    "LEFT"]
         for name, line in zip(names, lines[1:]):
             assert line.split()[:2] == [name, "ok"]
 

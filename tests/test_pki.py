@@ -369,7 +369,8 @@ def test_enroll_writes_bundle_and_registers(tmp_path, cfg):
         "hostname": "web-01", "ip": "127.0.0.2", "port": 7450, "lookup_by": "ip",
         "paired": record["paired"], "expiry": pki.cert_expiry(agent_pem),
         "tags": {"role": "web", "env": "prod"}, "dispatcher_serial": dispatcher_serial,
-        "serial_status": "current",
+        "serial_status": "current", "serial": pki.cert_serial(agent_pem),
+        "spki_sha256": pki.spki_sha256(x509.load_pem_x509_certificate(agent_pem).public_key()),
     }
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["paired"])
     assert registry.get("web-01") == record
