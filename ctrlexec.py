@@ -833,6 +833,8 @@ def _cmd_discovery(ctx: _Context) -> int:
         scripts = [s.get("name") if isinstance(s, dict) else s
                    for s in (row.get("scripts") or [])]
         _out("  scripts: %s" % (_safe(", ".join(str(s) for s in scripts)) or "(none)"))
+        if row.get("expiry"):
+            _out("  cert:    expires %s (%s days left)" % (row["expiry"], row.get("days_left")))
     return EXIT_OK if ok else EXIT_FAILED
 
 

@@ -20,6 +20,13 @@ Security path of a request, top to bottom: ``allowed_ips`` -> rate limits ->
 ``ca``) -> revoked serial -> trusted-dispatcher serial -> request limits ->
 JSON validation -> allowlist (name rule, realpath inside ``script_dirs``) ->
 agent auth hook -> ``execve`` with a clean environment.
+
+Endpoints: ``/run``, ``/ping``, ``/capabilities``, ``/result/<reqid>``, ``/cancel``, and
+the certificate lifecycle of the original (reference §2.3): ``/renew`` (a CSR from the
+agent's own key), ``/renew-complete`` (the renewed certificate, checked, then served by
+a new TLS context swapped in one assignment) and ``/rotate-serial`` (the caller edits
+its own entries of the trusted map). All of them require a trusted serial: stricter
+than the original, which exempts ``/renew*`` from the serial gate.
 """
 
 from __future__ import annotations

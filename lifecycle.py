@@ -217,7 +217,7 @@ def rotate_dispatcher(cfg: Any, registry: Any, make_engine: Callable, *,
 
     Args: make_engine(cert, key) -> engine.Engine presenting that certificate;
     finish: give up on agents still pending (marked "stale": they need re-pairing)
-    and delete the previous key.
+    and delete the previous key; implied once cert_overlap_days have passed.
     Returns: {"phase": "done"|"pending", "old_serial", "new_serial", "updated": [names],
     "pending": [{"host", "error"}], "stale": [names], "started": bool}.
     Raises: LifecycleError (no CA, no dispatcher certificate, unreadable state).
@@ -231,6 +231,9 @@ def rotate_dispatcher(cfg: Any, registry: Any, make_engine: Callable, *,
             state = _start_rotation(cfg, registry)
         report = {"started": started, "old_serial": state["old_serial"],
                   "new_serial": state["new_serial"], "updated": [], "pending": [], "stale": []}
+        if _overlap_over(state):
+            finish = True       # past cert_overlap_days the previous key is not kept any longer
+            report["overlap_expired"] = state["overlap_expires"]
         if state["phase"] == "broadcast":
             _broadcast(cfg, registry, make_engine, state, report)
             _switch(cfg, state)
@@ -331,6 +334,14 @@ def _retire(cfg: Any, registry: Any, make_engine: Callable, state: dict, report:
         else:
             report["pending"].append({"host": target.name, "error": row.get("error", "")})
     _save_state(cfg, state)
+
+
+def _overlap_over(state: dict) -> bool:
+    try:
+        ends = calendar.timegm(time.strptime(str(state.get("overlap_expires")), "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return False
+    return state.get("phase") == "retire" and time.time() > ends
 
 
 def _drop_previous(cfg: Any) -> None:

@@ -113,6 +113,8 @@ def test_example_agent_conf_loads_without_config_warnings(agent_warnings):
     # script_dirs); file-relative defaults resolve beside it, here in deploy/.
     defaults = wire.AgentConfig(AGENT_CONF)
     defaults.trusted_dispatchers_path = os.path.join(defaults.state_dir, "ctrl-exec-dispatchers")
+    defaults.cert_staging_path = os.path.join(defaults.state_dir, "agent.crt.staged")
+
     def installed(value):
         if isinstance(value, str) and value.startswith(DEPLOY + os.sep):
             return "/etc/ctrl-exec-agent" + value[len(DEPLOY):]

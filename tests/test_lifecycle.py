@@ -266,6 +266,23 @@ def test_rotation_finish_marks_unreached_agents_stale(fleet):
     assert "nothing to finish" in cli(fleet.conf_path, "rotate-dispatcher", "--finish").stderr
 
 
+def test_rotation_past_its_overlap_stops_waiting_for_missing_agents(fleet):
+    fleet.add_agent("o-01", scripts={"hello": OK_SCRIPT})
+    fleet.add_agent("o-02", scripts={"hello": OK_SCRIPT}).stop()
+    assert cli(fleet.conf_path, "rotate-dispatcher").returncode == 1
+    path = os.path.join(fleet.cfg.state_dir, "rotation.json")
+    with open(path) as handle:
+        state = json.load(handle)
+    state["overlap_expires"] = "2020-01-01T00:00:00Z"
+    with open(path, "w") as handle:
+        json.dump(state, handle)
+    result = cli(fleet.conf_path, "--json", "rotate-dispatcher")
+    assert result.returncode == 0, result.stderr
+    report = _json(result)
+    assert report["stale"] == ["o-02"] and report["overlap_expired"] == "2020-01-01T00:00:00Z"
+    assert not os.path.exists(fleet.cfg.key + ".previous")
+
+
 def test_rotate_serial_rules_on_the_agent(fleet):
     agent = fleet.add_agent("r-01", scripts={"hello": OK_SCRIPT})
     own = pki.dispatcher_serial(fleet.cfg)

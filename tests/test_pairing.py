@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 
 import config
 import ctrlexec_agent as wire
+import lifecycle
 import pairing
 import pki
 import store
@@ -181,6 +182,23 @@ def test_approve_turns_pki_errors_into_pairing_errors(env, start_server, clients
         pairing.approve(cfg, registry, reqid)
     assert registry.names() == []
     assert [row["id"] for row in pairing.list_requests(cfg)] == [reqid]
+
+
+def test_approve_refuses_a_revoked_key_and_records_serial_and_key(env, start_server, clients):
+    cfg, registry = env
+    key = ec.generate_private_key(ec.SECP256R1())
+    lifecycle.RevocationList(cfg.state_dir).add(
+        {"name": "agent01.example.net", "serial": "ab12", "revoked_at": "2026-12-01T00:00:00Z",
+         "spki_sha256": pki.spki_sha256(key.public_key())})
+    _, reqid = queue_request(start_server(), clients, csr=make_csr(key=key))
+    with pytest.raises(pairing.PairingError, match="revoked at 2026-12-01T00:00:00Z"):
+        pairing.approve(cfg, registry, reqid)
+    assert registry.names() == []
+    fresh = ec.generate_private_key(ec.SECP256R1())
+    client, reqid = queue_request(start_server(), clients, csr=make_csr(key=fresh))
+    entry = pairing.approve(cfg, registry, reqid)
+    assert entry["spki_sha256"] == pki.spki_sha256(fresh.public_key())
+    assert entry["serial"] == pki.cert_serial(client.response()["cert"].encode())
 
 
 def test_approve_overrides_and_default_lookup_by_hostname(env, start_server, clients):
