@@ -31,7 +31,7 @@ import ctrlexec_agent as wire
 # ---------------------------------------------------------------------------
 
 #: Action values the control host passes to the hook (ENVEXEC_ACTION).
-ACTIONS = ("api", "run", "ping", "status", "cancel")
+ACTIONS = ("api", "run", "ping", "status", "cancel", "metrics")
 #: Who asks: the operator CLI (allowed without a hook) or the HTTP API.
 CALLERS = ("api", "cli")
 

@@ -143,6 +143,9 @@ class Config:
     state_backend: str = "files"
     state_backend_ca: str | None = None     #: CA file for a rediss:// server (default: system)
     lock_lease: float = 30.0                #: seconds a Redis lock lives without renewal
+    audit_log: str | None = None            #: hash-chained audit log (default <state_dir>/audit.log)
+    audit_log_max_bytes: int = 67108864     #: rotate the audit log past this size (0: never)
+    audit_log_keep: int = 10                #: rotated audit files kept
     warnings: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -154,6 +157,8 @@ class Config:
             self.ca = os.path.join(self.ca_dir, "ca.crt")
         if self.dispatcher_id is None:
             self.dispatcher_id = sanitise_dispatcher_id(socket.gethostname())
+        if self.audit_log is None:
+            self.audit_log = os.path.join(self.state_dir, "audit.log")
 
 
 def load(path: str | None = None, *, env: Mapping | None = None) -> Config:
@@ -432,5 +437,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "purge_interval": _int(1, 86400),
     "state_backend": _state_backend,
     "state_backend_ca": _path,
+    "audit_log": _path,
+    "audit_log_max_bytes": _int(0, 1 << 40),
+    "audit_log_keep": _int(1, 1000),
     "lock_lease": _seconds(3600),
 }

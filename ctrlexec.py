@@ -2,7 +2,7 @@
 
 Owns: the operator commands (setup-ca, setup-dispatcher, pairing-mode, list-requests,
 approve, deny, enroll, list-agents, unpair, run, ping, discovery, status, wait,
-cancel, runs, renew, rotate-dispatcher, revoke, list-locks, purge), their argument parsing, the human output (aligned tables,
+cancel, runs, renew, rotate-dispatcher, revoke, audit verify, list-locks, purge), their argument parsing, the human output (aligned tables,
 per-host blocks, a live progress line on a TTY), the `--json` output and the exit
 codes: 0 all hosts succeeded, 1 some host failed (or a thing named was not found),
 2 usage or config error, 3 auth denied, 4 lock conflict.
@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 
 import ujson
 
+import audit
 import config as config_mod
 import ctrlexec_agent as wire
 import engine as engine_mod
@@ -92,6 +93,7 @@ COMMAND_SUMMARY = """commands:
   renew HOST... | --all          renew agent certificates over mTLS (the agent keeps serving)
   rotate-dispatcher [--finish]   new dispatcher certificate, pushed to every agent's trust map
   revoke NAME                    remove NAME and refuse its certificate and key from now on
+  audit verify [--file PATH]     check the audit log's hash chain (rotated files included)
   list-locks                     host+script locks currently held
   purge                          delete run records past run_retention
 
@@ -430,6 +432,13 @@ def _build_renew(parser: argparse.ArgumentParser) -> None:
     _add_targets(parser)
 
 
+def _build_audit(parser: argparse.ArgumentParser) -> None:
+    """audit verify [--file PATH]."""
+    parser.add_argument("verb", choices=("verify",), metavar="verify")
+    parser.add_argument("--file", metavar="PATH", default=None,
+                        help="the audit log (default: audit_log, <state_dir>/audit.log)")
+
+
 def _build_rotate_dispatcher(parser: argparse.ArgumentParser) -> None:
     """rotate-dispatcher [--finish]."""
     parser.add_argument("--finish", action="store_true",
@@ -683,6 +692,7 @@ def _renew_due(ctx: _Context, results: list) -> None:
     if due and not ctx.args.no_renew:
         try:
             renewed = lifecycle.renew(ctx.cfg, ctx.store.registry, ctx.engine(), due)
+            _audit_rows(ctx, "renew", renewed)
         except lifecycle.LifecycleError as exc:
             sys.stderr.write("warning: cannot renew %s: %s\n" % (", ".join(due), exc))
             renewed = []
@@ -724,6 +734,7 @@ def _cmd_renew(ctx: _Context) -> int:
         rows = lifecycle.renew(ctx.cfg, ctx.store.registry, ctx.engine(), names)
     except lifecycle.LifecycleError as exc:
         raise CliError(str(exc), code=EXIT_USAGE, error="pki error") from None
+    _audit_rows(ctx, "renew", rows)
     ok = all(row.get("status") == "renewed" for row in rows)
     if ctx.json:
         _print_json({"ok": ok, "results": rows})
@@ -736,6 +747,14 @@ def _cmd_renew(ctx: _Context) -> int:
         if row.get("status") != "renewed":
             _out("ERROR %s: %s" % (row.get("host"), _safe(row.get("error") or "no answer")))
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _audit_rows(ctx: _Context, action: str, rows: list) -> None:
+    """One audit line per host of a lifecycle operation (renew)."""
+    for row in rows:
+        audit.record(ctx.cfg, action=action, via="cli", user=ctx.credentials()[0],
+                     source_ip=CLI_SOURCE_IP, hosts=[row.get("host")], reqid=row.get("reqid"),
+                     outcome=row.get("status"), detail=row.get("error") or row.get("expiry"))
 
 
 def _cmd_rotate_dispatcher(ctx: _Context) -> int:
@@ -755,9 +774,17 @@ def _cmd_rotate_dispatcher(ctx: _Context) -> int:
         report = lifecycle.rotate_dispatcher(ctx.cfg, ctx.store.registry, make_engine,
                                              finish=ctx.args.finish)
     except (lifecycle.LifecycleError, OSError) as exc:
+        audit.record(ctx.cfg, action="rotate-dispatcher", via="cli", user=ctx.credentials()[0],
+                     source_ip=CLI_SOURCE_IP, outcome="error", detail=str(exc))
         raise CliError("dispatcher rotation failed: %s" % exc, code=EXIT_USAGE,
                        error="pki error") from None
     done = report["phase"] == "done"
+    audit.record(ctx.cfg, action="rotate-dispatcher", via="cli", user=ctx.credentials()[0],
+                 source_ip=CLI_SOURCE_IP, hosts=report["updated"], outcome=report["phase"],
+                 detail="serial %s -> %s; pending: %s; stale: %s"
+                        % (report["old_serial"], report["new_serial"],
+                           ", ".join(r["host"] for r in report["pending"]) or "none",
+                           ", ".join(report["stale"]) or "none"))
     if ctx.json:
         _print_json(dict(report, ok=done))
         return EXIT_OK if done else EXIT_FAILED
@@ -779,6 +806,21 @@ def _cmd_rotate_dispatcher(ctx: _Context) -> int:
     return EXIT_OK if done else EXIT_FAILED
 
 
+def _cmd_audit(ctx: _Context) -> int:
+    """audit verify: walk the hash chain; exit 1 naming the first bad line."""
+    path = ctx.args.file or audit.log_path(ctx.cfg)
+    try:
+        result = audit.verify(path)
+    except audit.AuditError as exc:
+        raise CliError("audit log does not verify: %s" % exc, error="audit broken") from None
+    if ctx.json:
+        _print_json(dict(result, ok=True))
+    else:
+        _out("audit log ok: %d line(s), numbers %s-%s, %d file(s), chain intact"
+             % (result["lines"], result["first"], result["last"], len(result["files"])))
+    return EXIT_OK
+
+
 def _cmd_revoke(ctx: _Context) -> int:
     """revoke NAME: remove it from the registry; renewal and pairing refuse its serial and key."""
     name = ctx.args.name
@@ -794,6 +836,9 @@ def _cmd_revoke(ctx: _Context) -> int:
         entry = lifecycle.revoke(ctx.cfg, registry, name, peer_serial=peer_serial)
     except lifecycle.LifecycleError as exc:
         raise CliError(str(exc), error="not found") from None
+    audit.record(ctx.cfg, action="revoke", via="cli", user=ctx.credentials()[0],
+                 source_ip=CLI_SOURCE_IP, hosts=[name], outcome="revoked",
+                 detail="serial %s" % (entry["serial"] or "unknown"))
     if ctx.json:
         _print_json(dict(entry, ok=True))
         return EXIT_OK
@@ -1006,6 +1051,7 @@ _COMMANDS = {
     "renew": (_cmd_renew, _build_renew),
     "rotate-dispatcher": (_cmd_rotate_dispatcher, _build_rotate_dispatcher),
     "revoke": (_cmd_revoke, _build_name),
+    "audit": (_cmd_audit, _build_audit),
     "list-locks": (_cmd_list_locks, _build_none),
     "purge": (_cmd_purge, _build_none),
 }

@@ -31,6 +31,7 @@ __all__ = [
 import argparse
 import base64
 import binascii
+import importlib.util
 import os
 import re
 import secrets
@@ -52,6 +53,7 @@ import ujson
 import config as config_mod
 import ctrlexec_agent as wire
 import httpserver
+import metrics as metrics_mod
 import service as service_mod
 import store as store_mod
 from engine import Engine, EngineError
@@ -67,7 +69,8 @@ STATUS_REQID_RE = re.compile(r"[a-f0-9]{8,64}")
 POOL_MARGIN = 8
 #: Oldest gevent we start with (as requirements.txt).
 MIN_GEVENT_VERSION = (24, 2)
-OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPENAPI_PATH = os.path.join(HERE, "openapi.json")
 LOG_IDENT = "ctrl-exec-api"
 JSON_TYPE = "application/json"
 NDJSON_TYPE = "application/x-ndjson"
@@ -93,23 +96,49 @@ ENDPOINTS = (
     ("GET", "/openapi.json"),
     ("GET", "/openapi-live.json"),
     ("GET", "/docs"),
+    ("GET", "/metrics"),
+    ("GET", "/ui"),
 )
 
 #: Schemas of the live spec that get the registered host names as hosts.items.enum.
 LIVE_HOST_SCHEMAS = ("PingRequest", "RunRequest", "DiscoveryRequest")
+
+#: RapiDoc's own build, from the PyPI wheel flask-openapi3-rapidoc (requirements-docs.txt,
+#: installed without its Flask dependencies); served by the API, never from a CDN.
+RAPIDOC_PACKAGE = "flask_openapi3_rapidoc"
+RAPIDOC_FILE = os.path.join("templates", "rapidoc", "js", "rapidoc-min.js")
+RAPIDOC_INSTALL = "pip install --no-deps --require-hashes -r requirements-docs.txt"
 
 DOCS_HTML = b"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>ctrl-exec API</title>
-<script type="module" src="https://unpkg.com/rapidoc/dist/rapidoc-min.js"></script>
+<script type="module" src="/docs/rapidoc-min.js"></script>
 </head>
 <body>
+<noscript>The API reference needs JavaScript; the spec itself is <a href="/openapi.json">/openapi.json</a>.</noscript>
+%s
 <rapi-doc spec-url="/openapi-live.json" render-style="read" show-header="false"></rapi-doc>
 </body>
 </html>
 """
+DOCS_MISSING = (b'<p>The API reference viewer (RapiDoc) is not installed on this control host: '
+                b'run <code>' + RAPIDOC_INSTALL.encode() + b'</code> in the ctrl-exec folder. '
+                b'The spec itself is <a href="/openapi.json">/openapi.json</a>.</p>')
+#: The web console: flat static files beside this module, served at /ui and /ui/<name>.
+CONSOLE_FILES = {"": ("console.html", "text/html; charset=utf-8"),
+                 "console.js": ("console.js", "application/javascript; charset=utf-8"),
+                 "console.css": ("console.css", "text/css; charset=utf-8")}
+STATIC_HEADERS = {"Content-Security-Policy": "default-src 'self'; connect-src 'self'; "
+                                             "img-src 'self' data:; frame-ancestors 'none'",
+                  "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                  "Cache-Control": "no-cache"}
+#: Static files with no fleet data: served before the `api` gate, because a browser
+#: cannot send the operator's token when it loads them (every API call the page makes
+#: passes the gate and its own action like any other client).
+UNGATED_PATHS = frozenset(("/ui", "/ui/", "/ui/console.js", "/ui/console.css",
+                           "/docs/rapidoc-min.js"))
 
 ###############################################################################
 # Exceptions ##################################################################
@@ -152,8 +181,10 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
     if getattr(store, "nodes", None) is not None:
         node = "%s-%d-%s" % (config_mod.sanitise_dispatcher_id(socket.gethostname()), os.getpid(),
                              secrets.token_hex(3))
+    observed = metrics_mod.Metrics(cfg, lambda: [r.get("expiry") for r in store.registry.list()])
     runs = service_mod.Service(cfg, store, engine, caller="api", node=node,
-                               write=_off_hub if getattr(store, "blocking_writes", True) else None)
+                               write=_off_hub if getattr(store, "blocking_writes", True) else None,
+                               metrics=observed)
     app = _ApiApp(cfg, runs)
     api = _Handlers(cfg, runs)
     app.route("/", "GET", _endpoint(api.index))
@@ -173,6 +204,10 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
     app.route("/openapi.json", "GET", _endpoint(api.openapi))
     app.route("/openapi-live.json", "GET", _endpoint(api.openapi_live))
     app.route("/docs", "GET", _endpoint(api.docs))
+    app.route("/docs/rapidoc-min.js", "GET", _endpoint(api.docs_viewer))
+    app.route("/metrics", "GET", _endpoint(api.metrics))
+    app.route("/ui", "GET", _endpoint(api.console))
+    app.route("/ui/<name:re:(?:console\\.(?:js|css))?>", "GET", _endpoint(api.console))
     for code in (400, 404, 405, 413, 500):
         app.error(code)(_bottle_error)
     app.handlers = api
@@ -244,6 +279,8 @@ class _ApiApp(bottle.Bottle):
                 "bad request", "the request body could not be read"))
         body = service_mod.parse_body(raw)
         environ["ctrlexec.body"] = body
+        if environ.get("REQUEST_METHOD") == "GET" and environ.get("PATH_INFO") in UNGATED_PATHS:
+            return None
         token = ""
         username = ""
         if isinstance(body, dict):
@@ -283,8 +320,34 @@ class _Handlers:
         return _json(200, {"ok": True, "version": wire.VERSION})
 
     def docs(self) -> bottle.HTTPResponse:
-        """GET /docs: the static RapiDoc page pointing at the live spec."""
-        return bottle.HTTPResponse(DOCS_HTML, 200, {"Content-Type": "text/html; charset=utf-8"})
+        """GET /docs: the static RapiDoc page pointing at the live spec (no CDN)."""
+        page = DOCS_HTML % (b"" if _rapidoc_path() else DOCS_MISSING)
+        return bottle.HTTPResponse(page, 200, {"Content-Type": "text/html; charset=utf-8"})
+
+    def docs_viewer(self) -> bottle.HTTPResponse:
+        """GET /docs/rapidoc-min.js: RapiDoc's script from the installed package."""
+        path = _rapidoc_path()
+        if not path:
+            raise ApiError(404, _error_body("not found", "the RapiDoc viewer is not installed; "
+                                            "run: " + RAPIDOC_INSTALL))
+        with open(path, "rb") as handle:
+            data = handle.read()
+        return bottle.HTTPResponse(data, 200, {"Content-Type": "application/javascript; charset=utf-8",
+                                               "Cache-Control": "public, max-age=86400",
+                                               "X-Content-Type-Options": "nosniff"})
+
+    def console(self, name: str = "") -> bottle.HTTPResponse:
+        """GET /ui, /ui/console.js, /ui/console.css: the web console's static files."""
+        filename, content_type = CONSOLE_FILES[name or ""]
+        with open(os.path.join(HERE, filename), "rb") as handle:
+            data = handle.read()
+        return bottle.HTTPResponse(data, 200, dict(STATIC_HEADERS, **{"Content-Type": content_type}))
+
+    def metrics(self) -> bottle.HTTPResponse:
+        """GET /metrics: Prometheus text format (auth action metrics)."""
+        self.runs.authorise("metrics", source_ip=_peer(), token=_bearer_token())
+        return bottle.HTTPResponse(self.runs.metrics.exposition(), 200,
+                                   {"Content-Type": metrics_mod.CONTENT_TYPE})
 
     def openapi(self) -> bottle.HTTPResponse:
         """GET /openapi.json: the static spec file, verbatim."""
@@ -338,11 +401,13 @@ class _Handlers:
             feed = self._start_streamed(plan)
 
             def lines() -> Iterable[bytes]:
+                self.runs.metrics.stream_opened()
                 try:
                     for event in feed:
                         yield _json_line(event)
                 finally:
                     # Also reached when the client hung up (the server closes this generator).
+                    self.runs.metrics.stream_closed()
                     feed.detach()
 
             return bottle.HTTPResponse(lines(), 200, {"Content-Type": NDJSON_TYPE,
@@ -376,6 +441,7 @@ class _Handlers:
             session = _WsSession(upgrade())
         except OSError:
             return bottle.HTTPResponse(b"", 101)   # the client left during the handshake
+        self.runs.metrics.stream_opened()
         try:
             body = session.receive_request()
             if body is not _WsSession.GONE:
@@ -384,6 +450,7 @@ class _Handlers:
             status, error = _answer(exc, bottle.request.path)
             session.send(dict(error, event="error", status=status))
         finally:
+            self.runs.metrics.stream_closed()
             session.close()
         # Never sent: the connection is the WebSocket's now (_ApiApp drops this answer).
         return bottle.HTTPResponse(b"", 101)
@@ -406,12 +473,15 @@ class _Handlers:
         events = self.runs.follow(reqid, after=after, source_ip=_peer(), token=_bearer_token())
 
         def lines() -> Iterable[bytes]:
+            self.runs.metrics.stream_opened()
             try:
                 for event in events:
                     yield _json_line(event)
             except Exception as exc:  # noqa: BLE001 - mid-stream, an error is the last line
                 status, body = _answer(exc, bottle.request.path)
                 yield _json_line(dict(body, event="error", reqid=reqid, status=status))
+            finally:
+                self.runs.metrics.stream_closed()
 
         return bottle.HTTPResponse(lines(), 200, {"Content-Type": NDJSON_TYPE,
                                                   "Cache-Control": "no-cache"})
@@ -749,6 +819,17 @@ def _error_body(error: str, detail: str) -> dict:
     return {"ok": False, "error": error, "detail": detail}
 
 
+def _rapidoc_path() -> str:
+    """Where the installed RapiDoc script is, or "" (the package is looked up, never imported:
+    importing it would import Flask)."""
+    spec = importlib.util.find_spec(RAPIDOC_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = os.path.join(folder, RAPIDOC_FILE)
+        if os.path.isfile(path):
+            return path
+    return ""
+
+
 def _read_spec_bytes() -> bytes:
     """The static openapi.json beside this module."""
     try:
@@ -963,6 +1044,7 @@ def serve(cfg: Any, app: Any, *, ssl_context: Any = None) -> int:
             raise StartError("api_port %d on %s is already in use (another ctrl-exec-api? "
                              "choose a free api_port)" % (cfg.api_port, cfg.api_bind))
         raise StartError("%s (check api_bind and api_port)" % exc)
+    app.handlers.runs.metrics.connections.set_function(server.open_connections)
     wire.log_action("info", "api-start", bind=cfg.api_bind, port=server.server_port,
                     tls="yes" if ssl_context is not None else "no")
     background = [gevent.spawn(_purge_forever, app, float(cfg.purge_interval))]

@@ -348,6 +348,10 @@ class Server(pywsgi.WSGIServer):
         #: Greenlets of kept connections waiting for their next request line.
         self.idle_keepalive: set = set()
 
+    def open_connections(self) -> int:
+        """Connections being served now (one handler greenlet each)."""
+        return len(self.pool) if self.pool is not None else 0
+
     def log_event(self, level: str, action: str, **fields: Any) -> None:
         """One log line through the configured log_action."""
         self._log_action(level, self._log_prefix + action, **fields)

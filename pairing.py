@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 
+import audit
 import ctrlexec_agent as wire
 import lifecycle
 import pki
@@ -376,6 +377,9 @@ def approve(cfg, registry, reqid: str, *, lookup_by: str | None = None,
     _write_queue_file(_queue_path(folder, reqid, ".approved"), answer)
     wire.log_action("info", "pair-approve", reqid=reqid, hostname=name, ip=ip, port=agent_port,
                     lookup_by=lookup_by, serial=serial, expiry=expiry)
+    audit.record(cfg, action="pair-approve", via="cli", user=os.environ.get("USER", ""),
+                 source_ip=str(record.get("source_ip") or ip), hosts=[name], reqid=reqid,
+                 outcome="approved", detail="serial %s, expires %s" % (serial, expiry))
     return entry
 
 
@@ -390,6 +394,9 @@ def deny(cfg, reqid: str) -> None:
     _write_queue_file(_queue_path(folder, reqid, ".denied"), answer)
     _unlink(_queue_path(folder, reqid, ".json"))
     wire.log_action("info", "pair-deny", reqid=reqid, hostname=record.get("hostname", ""))
+    audit.record(cfg, action="pair-deny", via="cli", user=os.environ.get("USER", ""),
+                 source_ip=str(record.get("source_ip") or record.get("ip") or ""),
+                 hosts=[str(record.get("hostname", ""))], reqid=reqid, outcome="denied")
 
 
 def expire_stale_requests(cfg) -> int:

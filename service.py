@@ -38,6 +38,7 @@ __all__ = [
     "denial_body",
 ]
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -47,6 +48,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import ujson
 
+import audit as audit_mod
 import auth
 import ctrlexec_agent as wire
 import engine as engine_mod
@@ -327,7 +329,7 @@ class Service:
 
     def __init__(self, cfg: Any, store: Any, engine: Any, *, caller: str,
                  write: Optional[Callable] = None, warn: Optional[Callable] = None,
-                 node: Optional[str] = None) -> None:
+                 node: Optional[str] = None, metrics: Any = None, audit: bool = True) -> None:
         if caller not in auth.CALLERS:
             raise ValueError("caller must be one of %s, got %r" % (", ".join(auth.CALLERS), caller))
         self.cfg = cfg
@@ -340,14 +342,23 @@ class Service:
         self.node = node
         #: reqid -> engine.RunControl of the sync / stream runs dispatching in this process.
         self._active: dict = {}
+        #: metrics.Metrics of the API process (None: the CLI keeps no metrics).
+        self.metrics = metrics
+        #: Whether acting requests go to the audit log (audit.py).
+        self._audit = audit
 
     # --- auth ---
 
     def authorise(self, action: str, *, source_ip: str, username: str = "", token: str = "",
                   **context: Any) -> None:
         """auth.check for this front end; raise Denied unless the hook allowed it."""
+        started = time.monotonic()
         decision = auth.check(self.cfg, action=action, source_ip=source_ip, caller=self.caller,
                               username=username, token=token, **context)
+        if self.metrics is not None:
+            self.metrics.observe_auth(action, allowed=decision.allowed,
+                                      seconds=time.monotonic() - started,
+                                      hooked=bool(self.cfg.auth_hook))
         if not decision.allowed:
             raise Denied(decision, generic=bool(getattr(self.cfg, "auth_deny_generic", False)))
 
@@ -364,8 +375,14 @@ class Service:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(RUN_MODES), mode))
         reqid = wire.new_reqid()
         hosts = self.target_hosts(req)
-        self.authorise("run", source_ip=source_ip, username=req["username"], token=req["token"],
-                       script=req["script"], hosts=hosts, args=req["args"], reqid=reqid)
+        try:
+            self.authorise("run", source_ip=source_ip, username=req["username"],
+                           token=req["token"], script=req["script"], hosts=hosts,
+                           args=req["args"], reqid=reqid)
+        except Denied as exc:
+            self._refused(reqid, req["script"], mode, hosts, req["args"], req["username"],
+                          source_ip, "denied", exc.body.get("error", "denied"))
+            raise
         return RunPlan(reqid=reqid, hosts=tuple(hosts), script=req["script"],
                        args=tuple(req["args"]), username=req["username"], source_ip=source_ip,
                        mode=mode, timeout=req.get("timeout"), token=req["token"],
@@ -406,7 +423,7 @@ class Service:
         """
         targets = self.store.registry.resolve(list(plan.hosts))
         log = _EventLog(self.store.events, plan.reqid)
-        with self._hold(plan, targets) as held:
+        with self._held_or_refused(plan, targets) as held:
             self._log_dispatch(plan)
             log.open(self._meta(plan, deadline=time.time() + self._longest_s(plan)))
             emit = log.forwarder(on_event)
@@ -428,6 +445,7 @@ class Service:
         self._annotate(record, plan, held)
         self.save(record)
         _log_run_done(plan.reqid, plan.script, results)
+        self._acted(plan, results)
         emit({"event": "done", "ok": True, "reqid": plan.reqid, "results": results})
         return results
 
@@ -440,7 +458,7 @@ class Service:
         Raises: store.LockConflict, RunNotTracked.
         """
         targets = self.store.registry.resolve(list(plan.hosts))
-        with self._hold(plan, targets) as held:
+        with self._held_or_refused(plan, targets) as held:
             accepted = [{"host": host, "script": plan.script, "status": "accepted",
                          "reqid": plan.reqid} for host in plan.hosts]
             try:
@@ -462,6 +480,7 @@ class Service:
         if self.save(record) and not record.get("complete"):
             self._track(plan.reqid, pending=True)
         log.append(_settled_events(plan.reqid, {}, record))
+        self._acted(plan, results)
         return results
 
     # --- stored runs ---
@@ -537,9 +556,15 @@ class Service:
         owner = record if record is not None else meta
         submitter = owner.get("submitter") if isinstance(owner.get("submitter"), dict) else None
         hosts = [h for h in owner.get("hosts") or [] if isinstance(h, str)]
-        self.authorise("cancel", source_ip=source_ip, username=username, token=token,
-                       reqid=reqid, script=owner.get("script") or "", hosts=hosts,
-                       submitter=submitter)
+        try:
+            self.authorise("cancel", source_ip=source_ip, username=username, token=token,
+                           reqid=reqid, script=owner.get("script") or "", hosts=hosts,
+                           submitter=submitter)
+        except Denied as exc:
+            self.audit(action="cancel", user=username, source_ip=source_ip, reqid=reqid,
+                       script=owner.get("script") or "", hosts=hosts, outcome="denied",
+                       detail=exc.body.get("error", "denied"))
+            raise
         control = self._active.get(reqid)
         if control is not None:
             control.cancel()
@@ -554,6 +579,9 @@ class Service:
                                       grace=grace)
         if record is not None and record.get("mode") == "async":
             self.refresh(record)
+        self.audit(action="cancel", user=username, source_ip=source_ip, reqid=reqid,
+                   script=owner.get("script") or "", hosts=hosts, outcome="sent",
+                   detail=", ".join("%s: %s" % (r.get("host"), r.get("status")) for r in rows))
         return {"ok": True, "reqid": reqid, "results": rows}
 
     def list_runs(self, query: dict, *, source_ip: str, token: str = "",
@@ -732,6 +760,44 @@ class Service:
                     if isinstance(name, str) and name:
                         scripts.add(name)
         return names, sorted(scripts)
+
+    # --- audit and metrics ---
+
+    def audit(self, **fields: Any) -> None:
+        """One audit line (audit.py) for a request that acts, tagged with this front end."""
+        if self._audit:
+            audit_mod.record(self.cfg, via=self.caller, **fields)
+
+    def _refused(self, reqid: str, script: str, mode: str, hosts: list, args: Any,
+                 username: str, source_ip: str, outcome: str, detail: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_refused(script, mode, outcome)
+        self.audit(action="run", user=username, source_ip=source_ip, reqid=reqid, script=script,
+                   args=list(args), hosts=list(hosts), mode=mode, outcome=outcome, detail=detail)
+
+    def _acted(self, plan: RunPlan, results: list) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_run(plan.script, plan.mode, results)
+        counts = summary_of(results)
+        outcome = "ok" if counts["ok"] == len(results) else "failed"
+        if plan.mode == "async":
+            outcome = "submitted" if counts["ok"] == len(results) else "failed"
+        self.audit(action="run", user=plan.username, source_ip=plan.source_ip, reqid=plan.reqid,
+                   script=plan.script, args=list(plan.args), hosts=list(plan.hosts),
+                   mode=plan.mode, outcome=outcome,
+                   detail=", ".join("%s=%d" % kv for kv in counts.items() if kv[1]))
+
+    @contextlib.contextmanager
+    def _held_or_refused(self, plan: RunPlan, targets: list) -> Iterator[Any]:
+        """_hold, with a lock conflict counted and audited before it propagates."""
+        with contextlib.ExitStack() as stack:
+            try:
+                held = stack.enter_context(self._hold(plan, targets))
+            except store_mod.LockConflict as exc:
+                self._refused(plan.reqid, plan.script, plan.mode, list(plan.hosts), plan.args,
+                              plan.username, plan.source_ip, "locked", str(exc))
+                raise
+            yield held
 
     # --- private ---
 
