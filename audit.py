@@ -72,7 +72,7 @@ class AuditLog:
                 number, prev = self._last()
                 entry = dict({"n": number + 1, "ts": wire.utc_timestamp()}, **entry)
                 entry["prev"] = prev
-                line = ujson.dumps(entry, ensure_ascii=False, escape_forward_slashes=False)
+                line = ujson.dumps(entry, escape_forward_slashes=False)
                 data = line.encode("utf-8") + b"\n"
                 self._rotate_if_full(len(data))
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

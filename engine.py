@@ -714,7 +714,7 @@ class Engine:
         wire.log_action("err" if failed else "info", action, **fields)
 
 
-_Answer = collections.namedtuple("_Answer", "status body error rtt streamed peer")
+_Answer = collections.namedtuple("_Answer", "status body error rtt streamed peer", defaults=(None,))
 
 
 class _HttpStatus(Exception):

@@ -120,3 +120,14 @@ def test_rotation_keeps_the_chain(tmp_path):
 def test_verify_names_a_missing_log(tmp_path):
     with pytest.raises(audit.AuditError, match="no audit log at"):
         audit.verify(str(tmp_path / "none.log"))
+
+
+def test_hostile_names_are_written_escaped_and_verify(tmp_path):
+    path = str(tmp_path / "audit.log")
+    log = audit.AuditLog(path, max_bytes=0, keep=1)
+    hostile = ["\ud800", "\u202eweb-01", "web-01\nX-Injected: 1", "web-01\x00"]
+    log.record(action="run", user="op", outcome="denied", hosts=hostile)
+    raw = open(path, "rb").read()
+    assert raw.count(b"\n") == 1 and raw.isascii()
+    assert json.loads(raw)["hosts"] == hostile
+    assert audit.verify(path)["lines"] == 1
