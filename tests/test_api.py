@@ -251,6 +251,30 @@ def test_static_spec_and_docs(unit_app):
     assert resp.status == 200
     assert resp.headers["content-type"].startswith("text/html")
     assert b'<rapi-doc spec-url="/openapi-live.json"' in resp.data
+    assert b"cdn" not in resp.data.lower() and b"https://" not in resp.data
+    assert b'<script type="module" src="/docs/rapidoc-min.js">' in resp.data
+    assert b"is not installed" not in resp.data
+
+
+def test_docs_viewer_is_served_from_the_installed_package(unit_app):
+    path = ctrlexec_api._rapidoc_path()
+    assert path.endswith(os.path.join("flask_openapi3_rapidoc", ctrlexec_api.RAPIDOC_FILE))
+    resp = call(unit_app, "GET", "/docs/rapidoc-min.js")
+    assert resp.status == 200
+    assert resp.headers["content-type"].startswith("application/javascript")
+    with open(path, "rb") as handle:
+        assert resp.data == handle.read()
+
+
+def test_docs_without_the_viewer_say_how_to_install_it(unit_app, monkeypatch):
+    monkeypatch.setattr(ctrlexec_api, "RAPIDOC_PACKAGE", "no_such_rapidoc_package")
+    resp = call(unit_app, "GET", "/docs")
+    assert resp.status == 200
+    assert b"is not installed on this control host" in resp.data
+    assert ctrlexec_api.RAPIDOC_INSTALL.encode() in resp.data
+    resp = call(unit_app, "GET", "/docs/rapidoc-min.js")
+    assert resp.status == 404
+    assert "requirements-docs.txt" in resp.json["detail"]
 
 
 @pytest.mark.parametrize("path", ["/run", "/ping"])
