@@ -126,6 +126,8 @@ class Config:
     read_timeout: float = 60.0              #: seconds per agent exchange (alias key `timeout`)
     connect_timeout: float = 10.0           #: seconds for TCP connect + TLS handshake to an agent
     max_parallel: int = 64
+    #: Processes a large run fan-out is split across (workers.py); 1: this process only.
+    dispatch_workers: int = 1
     max_hosts: int = 500
     cert_days: int = 365
     agent_cert_days: int = 825
@@ -424,6 +426,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "read_timeout": _seconds(86400),
     "connect_timeout": _seconds(3600),
     "max_parallel": _int(1, 100000),
+    "dispatch_workers": _int(1, 64),
     "max_hosts": _int(1, 100000),
     "cert_days": _int(1, 36500),
     "agent_cert_days": _int(1, 36500),

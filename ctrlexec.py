@@ -50,6 +50,7 @@ import pairing
 import pki
 import service as service_mod
 import store as store_mod
+import workers as workers_mod
 
 # --- constants -------------------------------------------------------------------------
 
@@ -179,7 +180,7 @@ class _Context:
                                "`setup-dispatcher`, or set %s in ctrl-exec.conf)"
                                % (name, path, name), code=EXIT_USAGE, error="config error")
         try:
-            return engine_mod.Engine.from_config(self.cfg)
+            return workers_mod.engine_from_config(self.cfg)
         except engine_mod.EngineError as exc:
             raise CliError(str(exc), code=EXIT_USAGE, error="config error") from None
 

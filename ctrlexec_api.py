@@ -56,7 +56,8 @@ import httpserver
 import metrics as metrics_mod
 import service as service_mod
 import store as store_mod
-from engine import Engine, EngineError
+import workers as workers_mod
+from engine import EngineError
 
 ###############################################################################
 # Constants ###################################################################
@@ -167,7 +168,7 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
     """Build a fresh WSGI application with every route of SPEC §6.
 
     Args: cfg (config.Config); store (store.Store, default open_store(cfg)); engine
-        (engine.Engine, default Engine.from_config(cfg)).
+        (engine.Engine, default workers.engine_from_config(cfg)).
     Returns: a bottle.Bottle (WSGI callable) with JSON error handlers; no routes are
         registered on bottle's default app.
     Raises: store.StoreError when the state directories cannot be created; the engine's
@@ -176,7 +177,7 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
     if store is None:
         store = store_mod.open_store(cfg)
     if engine is None:
-        engine = Engine.from_config(cfg)
+        engine = workers_mod.engine_from_config(cfg)
     node = None
     if getattr(store, "nodes", None) is not None:
         node = "%s-%d-%s" % (config_mod.sanitise_dispatcher_id(socket.gethostname()), os.getpid(),

@@ -19,7 +19,7 @@ from __future__ import annotations
 __all__ = [
     "Engine", "EngineError", "RunControl", "row_state", "HOST_STATES", "CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "MAX_PARALLEL",
     "STREAM_GRACE_S", "MAX_RESPONSE_BYTES", "MAX_EVENT_LINE_BYTES", "SESSION_CACHE_MAX",
-    "NDJSON_TYPE",
+    "NDJSON_TYPE", "failure_row",
 ]
 
 import collections
@@ -185,6 +185,7 @@ class Engine:
         self._tls_files = (cert, key, ca)
         self._ctx = self._load_context()
         self._tls_stamp = _files_stamp(cert, key)
+        self._own_expiry = wire.cert_not_after(cert)
         self.read_timeout = float(read_timeout)
         self.connect_timeout = float(connect_timeout)
         self.max_parallel = int(max_parallel)
@@ -195,8 +196,9 @@ class Engine:
 
     @property
     def own_expiry(self) -> str:
-        """The dispatcher certificate's notAfter text ("Jun  7 16:28:00 2027 GMT" or "unknown")."""
-        return wire.cert_not_after(self._tls_files[0])
+        """The loaded dispatcher certificate's notAfter text ("Jun  7 16:28:00 2027 GMT" or
+        "unknown"), read when the certificate is loaded, not on every refused handshake."""
+        return self._own_expiry
 
     @classmethod
     def from_config(cls, cfg) -> "Engine":
@@ -401,7 +403,7 @@ class Engine:
                 row = _skipped_row(action, target, refusal, reqid, script)
             elif target.address is None:
                 # Never dialled, never resolved: an unknown name must not reach DNS.
-                row = _failure_row(action, target, "unknown agent '%s' (not paired)" % target.name,
+                row = failure_row(action, target, "unknown agent '%s' (not paired)" % target.name,
                                    "0ms", reqid, script)
             else:
                 try:
@@ -409,7 +411,7 @@ class Engine:
                 except Exception as exc:  # one host's bug must not abort the fleet; logged
                     wire.log_action("err", "engine-error", ACTION_NAME=action, TARGET=_where(target),
                                     REQID=reqid or "(none)", ERROR="%s: %s" % (type(exc).__name__, exc))
-                    row = _failure_row(action, target, "internal error talking to the agent",
+                    row = failure_row(action, target, "internal error talking to the agent",
                                        "0ms", reqid, script)
             if control is not None and not refusal:
                 control.count(row)
@@ -531,6 +533,7 @@ class Engine:
                             ERROR=str(exc))
             return
         self._tls_stamp = stamp
+        self._own_expiry = wire.cert_not_after(self._tls_files[0])
         self._sessions.clear()      # sessions belong to the old context
         wire.log_action("info", "dispatcher-cert-reload", CERT=self._tls_files[0],
                         EXPIRY=self.own_expiry)
@@ -829,7 +832,7 @@ def _decode(raw: bytes) -> dict:
 
 def _skipped_row(action: str, target, reason: str, reqid: str, script: str) -> dict:
     """The row of a host a RunControl did not start."""
-    row = _failure_row(action, target, reason, "0ms", reqid, script)
+    row = failure_row(action, target, reason, "0ms", reqid, script)
     row["status"] = "skipped"
     return row
 
@@ -851,7 +854,7 @@ def _cancel_row(target, answer) -> dict:
             "error": "invalid cancel answer from agent (status %r)" % (status,)}
 
 
-def _failure_row(action: str, target, error: str, rtt: str, reqid: str, script: str) -> dict:
+def failure_row(action: str, target, error: str, rtt: str, reqid: str, script: str) -> dict:
     """The failed-host row in the shape of ``action``."""
     if action == "run":
         # stdout/stderr are always present (empty) so every run row has one shape (SPEC §6).
@@ -866,13 +869,13 @@ def _failure_row(action: str, target, error: str, rtt: str, reqid: str, script: 
 def _run_row(target, answer, script: str, reqid: str) -> dict:
     """Sync run row from an agent answer; exit -1 (a refusal) becomes a failure row."""
     if answer.error:
-        return _failure_row("run", target, answer.error, answer.rtt, reqid, script)
+        return failure_row("run", target, answer.error, answer.rtt, reqid, script)
     body = answer.body
     code = body.get("exit")
     if isinstance(code, bool) or not isinstance(code, int) or code == -1:
         error = body.get("error") if isinstance(body.get("error"), str) and body.get("error") else \
             "agent answer has no exit code"
-        return _failure_row("run", target, error, answer.rtt, reqid, script)
+        return failure_row("run", target, error, answer.rtt, reqid, script)
     row = {"host": target.entry, "script": script, "exit": code,
            "stdout": _text(body.get("stdout")), "stderr": _text(body.get("stderr")),
            "reqid": reqid, "rtt": answer.rtt}
@@ -884,7 +887,7 @@ def _run_row(target, answer, script: str, reqid: str) -> dict:
 def _submit_row(target, answer, script: str, reqid: str) -> dict:
     """Async submit row: 202 accepted, 409 busy, anything else an error."""
     if answer.error:
-        return _failure_row("run-async", target, answer.error, answer.rtt, reqid, script)
+        return failure_row("run-async", target, answer.error, answer.rtt, reqid, script)
     row = {"host": target.entry, "script": script, "status": "accepted", "reqid": reqid,
            "rtt": answer.rtt}
     if answer.status == 409:
@@ -900,7 +903,7 @@ def _ping_row(target, answer, reqid: str) -> dict:
     if not answer.error and answer.body.get("status") != "ok":
         answer = answer._replace(error=_text(answer.body.get("error")) or "unexpected ping answer")
     if answer.error:
-        return _failure_row("ping", target, answer.error, answer.rtt, reqid, "")
+        return failure_row("ping", target, answer.error, answer.rtt, reqid, "")
     body = answer.body
     row = {"host": target.entry, "status": "ok", "version": _text(body.get("version")),
            "expiry": _text(body.get("expiry")), "staged": body.get("staged") is True,
@@ -915,7 +918,7 @@ def _capabilities_row(target, answer) -> dict:
         answer = answer._replace(error=_text(answer.body.get("error"))
                                  or "unexpected capabilities answer")
     if answer.error:
-        return _failure_row("capabilities", target, answer.error, answer.rtt, "", "")
+        return failure_row("capabilities", target, answer.error, answer.rtt, "", "")
     body = answer.body
     tags = body.get("tags") if isinstance(body.get("tags"), dict) else {}
     scripts = body.get("scripts") if isinstance(body.get("scripts"), list) else []
@@ -928,7 +931,7 @@ def _capabilities_row(target, answer) -> dict:
 def _result_row(target, answer, reqid: str) -> dict:
     """Result-fetch row: running, done (with run fields), unknown (404) or error."""
     if answer.error:
-        return _failure_row("result", target, answer.error, answer.rtt, reqid, "")
+        return failure_row("result", target, answer.error, answer.rtt, reqid, "")
     body = answer.body
     if answer.status == 404:
         return {"host": target.entry, "status": "unknown", "reqid": reqid, "rtt": answer.rtt}
@@ -936,7 +939,7 @@ def _result_row(target, answer, reqid: str) -> dict:
     if status == "running":
         return {"host": target.entry, "status": "running", "reqid": reqid, "rtt": answer.rtt}
     if status != "done":
-        return _failure_row("result", target, "unexpected result status %r" % (status,),
+        return failure_row("result", target, "unexpected result status %r" % (status,),
                             answer.rtt, reqid, "")
     code = body.get("exit")
     row = {"host": target.entry, "status": "done",

@@ -89,6 +89,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 import time
 from typing import Any, Callable, Protocol
 
@@ -800,10 +801,38 @@ class _FileRecords:
 class FileRegistryBackend(_FileRecords):
     """RegistryBackend on files: agents/<name>.json 0644, writers serialised by .registry.lock."""
 
+    #: Registry files read back from memory while their (inode, mtime, size) is unchanged.
+    CACHE_MAX = 100000
+
     def __init__(self, state_dir: str | os.PathLike) -> None:
         super().__init__(state_dir, "agents", dir_mode=AGENTS_DIR_MODE,
                          file_mode=REGISTRY_FILE_MODE, lock_name=".registry.lock",
                          label="registry", what=_registry_what)
+        self._cache: dict = {}
+
+    def get(self, key: str) -> Stored | None:
+        """As _FileRecords.get, but a file whose lstat is unchanged is not read again.
+
+        Every writer replaces the file (new inode), so one lstat (a few microseconds)
+        tells a fan-out over 1,000 names that nothing changed, instead of 1,000 reads.
+        """
+        try:
+            st = os.lstat(self.where(key))
+        except FileNotFoundError:
+            self._cache.pop(key, None)
+            return None
+        except OSError as exc:
+            raise StoreError("cannot read %s (%s)" % (self._what(key), exc.strerror)) from None
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == signature and stat.S_ISREG(st.st_mode):
+            return Stored(cached[1], time.time() - st.st_mtime)
+        stored = super().get(key)
+        if stored is not None and stat.S_ISREG(st.st_mode):
+            if len(self._cache) >= self.CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = (signature, stored.data)
+        return stored
 
     def names(self) -> list:
         """Names of the *.json files (no parsing, no checking)."""

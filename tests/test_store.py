@@ -99,6 +99,24 @@ def test_registry_put_get_roundtrip_and_file_layout(state):
         assert json.load(fh)["expiry"] == "Jun  7 16:28:00 2028 GMT"
 
 
+def test_registry_reads_are_cached_but_see_every_change(state):
+    reader, writer = store.Registry(state), store.Registry(state)
+    writer.put("web-01", record(tags={"role": "web"}))
+    assert reader.get("web-01")["tags"] == {"role": "web"}
+    writer.put("web-01", record(tags={"role": "db"}))       # another process replaces it
+    assert reader.get("web-01")["tags"] == {"role": "db"}
+    path = os.path.join(state, "agents", "web-01.json")
+    with open(path, "a") as fh:                              # an edit in place, by hand
+        fh.write("\n")
+    os.utime(path, ns=(1, 2))
+    assert reader.get("web-01")["tags"] == {"role": "db"}
+    writer.delete("web-01")
+    assert reader.get("web-01") is None
+    os.symlink("/etc/hostname", path)
+    with pytest.raises(store.StoreError):
+        reader.get("web-01")
+
+
 def test_registry_get_absent_and_invalid_names(state):
     reg = store.Registry(state)
     assert reg.get("nope") is None
