@@ -178,6 +178,8 @@ def make_app(cfg: Any, *, store: Any = None, engine: Any = None) -> bottle.Bottl
         store = store_mod.open_store(cfg)
     if engine is None:
         engine = workers_mod.engine_from_config(cfg)
+        if isinstance(engine, workers_mod.SplitEngine):
+            engine.start()
     node = None
     if getattr(store, "nodes", None) is not None:
         node = "%s-%d-%s" % (config_mod.sanitise_dispatcher_id(socket.gethostname()), os.getpid(),

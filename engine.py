@@ -50,8 +50,9 @@ MAX_RESPONSE_BYTES = 64 * wire.MAX_BODY_BYTES
 #: Largest NDJSON event line: the agent sends chunks of at most 64 KiB, which JSON
 #: escaping can grow six-fold.
 MAX_EVENT_LINE_BYTES = wire.MAX_BODY_BYTES
-#: TLS sessions kept for resumption, one per (address, port).
-SESSION_CACHE_MAX = 4096
+#: TLS sessions kept for resumption, one per (address, port): enough for a fleet of
+#: max_hosts-sized runs to resume (FIFO eviction over a cyclic fan-out would miss them all).
+SESSION_CACHE_MAX = 16384
 
 NDJSON_TYPE = "application/x-ndjson"
 

@@ -40,6 +40,7 @@ __all__ = [
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import threading
@@ -443,9 +444,13 @@ class Service:
                                        hosts=list(plan.hosts), results=results,
                                        submitter=plan.submitter)
         self._annotate(record, plan, held)
+        # The run record and the audit line are two fsyncs on two files: written side
+        # by side, both durable before the answer goes out.
+        audited = threading.Thread(target=self._acted, args=(plan, results), daemon=True)
+        audited.start()
         self.save(record)
+        audited.join()
         _log_run_done(plan.reqid, plan.script, results)
-        self._acted(plan, results)
         emit({"event": "done", "ok": True, "reqid": plan.reqid, "results": results})
         return results
 
@@ -766,7 +771,7 @@ class Service:
     def audit(self, **fields: Any) -> None:
         """One audit line (audit.py) for a request that acts, tagged with this front end."""
         if self._audit:
-            audit_mod.record(self.cfg, via=self.caller, **fields)
+            self._write(functools.partial(audit_mod.record, self.cfg, via=self.caller, **fields))
 
     def _refused(self, reqid: str, script: str, mode: str, hosts: list, args: Any,
                  username: str, source_ip: str, outcome: str, detail: str) -> None:

@@ -53,6 +53,8 @@ import engine as engine_mod
 SPLIT_MIN_HOSTS = 64
 #: Largest frame either side accepts (a 1,000-host answer with full outputs fits).
 MAX_FRAME_BYTES = 1 << 30
+#: Seconds a new worker gets to import and build its engine.
+START_TIMEOUT_S = 30.0
 #: Seconds a worker gets to exit after its socket is closed, then SIGKILL.
 STOP_GRACE_S = 5.0
 
@@ -127,8 +129,23 @@ class _Worker:
         #: run id -> the queue of that run (shared by every worker of the run).
         self.waiting: dict = {}
         self.send({"op": "init", "engine": engine_kwargs})
+        self._await_ready()
         self._reader = gevent.spawn(self._route)
         wire.log_action("info", "dispatch-worker-start", WORKER=index, PID=self.proc.pid)
+
+    def _await_ready(self) -> None:
+        """Wait for the worker's ready frame (its engine is built), or stop it and raise."""
+        self.sock.settimeout(START_TIMEOUT_S)
+        try:
+            ready = _read_frame(self.sock)
+        except (OSError, WorkerLost) as exc:
+            ready = {"error": str(exc)}
+        self.sock.settimeout(None)
+        if ready is None or "ready" not in ready:
+            self.stop()
+            raise engine_mod.EngineError(
+                "dispatch worker %d did not start (%s, exit %s); its error is in the log"
+                % (self.index, (ready or {}).get("error", "no ready message"), self.proc.poll()))
 
     def send(self, message: dict) -> None:
         """One frame to the worker (WorkerLost when it is gone)."""
@@ -170,7 +187,9 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self._reader.kill(block=False)
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.kill(block=False)
 
 
 class SplitEngine(engine_mod.Engine):
@@ -220,7 +239,13 @@ class SplitEngine(engine_mod.Engine):
         sent: list = []
         try:
             for index, part in slices:
-                worker = self._worker(index)
+                try:
+                    worker = self._worker(index)
+                except engine_mod.EngineError as exc:
+                    rows[index] = [engine_mod.failure_row("run-async" if async_ else "run", t,
+                                                          "not dispatched: %s" % exc, "0ms",
+                                                          reqid, script) for t in part]
+                    continue
                 worker.waiting[run_id] = queue
                 sent.append(worker)
                 try:
@@ -280,6 +305,11 @@ class SplitEngine(engine_mod.Engine):
                     worker.stop()
                 worker = self._pool[index] = _Worker(index, self._worker_kwargs)
             return worker
+
+    def start(self) -> None:
+        """Start every worker now (the API does at start-up, so no run waits for one)."""
+        for index in range(self.workers):
+            self._worker(index)
 
     def close(self) -> None:
         """Stop every worker process (they also exit by themselves when this process ends)."""
@@ -344,6 +374,7 @@ def serve(fd: int, index: int) -> int:
         if init is None or init.get("op") != "init":
             return 2
         fanout = engine_mod.Engine(**init["engine"])
+        send({"ready": os.getpid()})
     except (OSError, WorkerLost, engine_mod.EngineError, TypeError) as exc:
         wire.log_action("err", "dispatch-worker-init-fail", WORKER=index, ERROR=str(exc))
         return 2
