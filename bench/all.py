@@ -110,7 +110,9 @@ def figures(value, prefix: str = "") -> list:
             if key in value and isinstance(value[key], int) and not prefix.endswith(key):
                 label += "%s=%d " % ("N" if key == "hosts" else key, value[key])
         for key, item in value.items():
-            if key in _NOT_FIGURES:
+            if key in _NOT_FIGURES and not isinstance(item, dict):
+                continue
+            if key in ("machine", "runs", "errors"):
                 continue
             rows += figures(item, (prefix + " " + label + key).strip())
     elif isinstance(value, list):
@@ -133,6 +135,22 @@ def _load(text) -> str:
     return "%.2f" % text[0] if text else "-"
 
 
+def _print_table(report: dict) -> None:
+    """The Markdown table of a finished report (the --out JSON)."""
+    print("# ctrl-exec benchmarks, %s, commit %s" % (report["date"], report["commit"]))
+    print("# machine: %s\n" % json.dumps(report["machine"]))
+    print("| part | figure | value | load avg (1 min) before -> after |")
+    print("| --- | --- | --- | --- |")
+    for result in report["parts"]:
+        load = "%s -> %s" % (_load(result.get("load_before")), _load(result.get("load_after")))
+        if "skipped" in result or "failed" in result:
+            print("| %s | %s | - | %s |" % (result["part"], ("skipped: " + result["skipped"])
+                                             if "skipped" in result
+                                             else ("failed: " + result["failed"]), load))
+        for name, value in figures(result.get("results", [])):
+            print("| %s | %s | %s | %s |" % (result["part"], name, value, load))
+
+
 def main(argv: list | None = None) -> int:
     """Run the parts asked for, print the table; exit 1 when a part failed."""
     parser = argparse.ArgumentParser(prog="bench/all.py", description=__doc__.split("\n")[0])
@@ -145,7 +163,13 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes (a harness check)")
     parser.add_argument("--json", action="store_true", help="print the raw JSON, not the table")
     parser.add_argument("--out", default="", help="also write the raw JSON to this file")
+    parser.add_argument("--table-from", default="", metavar="FILE",
+                        help="print the table of an earlier --out file; run nothing")
     opts = parser.parse_args(argv)
+    if opts.table_from:
+        with open(opts.table_from) as handle:
+            _print_table(json.load(handle))
+        return 0
     chosen = [p.strip() for p in opts.only.split(",") if p.strip()] or list(PARTS)
     unknown = [p for p in chosen if p not in PARTS]
     if unknown:

@@ -95,3 +95,25 @@ def test_floor_bench_measures_every_floor_next_to_the_product(tmp_path):
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "fleet")], capture_output=True,
                                text=True).stdout.split()
     assert leftovers == []
+
+
+def test_worker_sweep_reports_both_worker_counts(tmp_path):
+    out = _run([os.path.join(BENCH, "sweep_workers.py"), "--hosts", "3", "--workers", "1,2",
+                "--repeat", "1", "--json", "--root", str(tmp_path / "fleet")], tmp_path)
+    points = [json.loads(line) for line in out.strip().splitlines()]
+    assert [p["workers"] for p in points] == [1, 2]
+    for point in points:
+        assert point["cold"]["ok_hosts"] == 3 and point["warm"]["ok_hosts"] == 3
+        assert point["cold"]["dispatcher_peak_rss_mb"] > 0
+    assert points[1]["processes"] == 3            # the API and its two workers
+
+
+def test_all_prints_one_table_with_the_load_beside_each_figure(tmp_path):
+    report = tmp_path / "bench.json"
+    out = _run([os.path.join(BENCH, "all.py"), "--quick", "--only", "fanout",
+                "--out", str(report)], tmp_path)
+    rows = [line for line in out.splitlines() if line.startswith("| fanout |")]
+    assert any("per_host_cpu_ms" in row for row in rows), out
+    assert all(" -> " in row.rsplit("|", 2)[1] for row in rows), out
+    again = _run([os.path.join(BENCH, "all.py"), "--table-from", str(report)], tmp_path)
+    assert [l for l in again.splitlines() if l.startswith("| fanout |")] == rows
