@@ -234,6 +234,8 @@ class SplitEngine(engine_mod.Engine):
                    "async_": bool(async_), "stream": streamed}
         slices = _slices(targets, self.workers)
         run_id = next(_run_ids)
+        wire.log_action("info", "dispatch-split", REQID=reqid or "(none)", HOSTS=len(targets),
+                        WORKERS=len(slices))
         queue: gevent.queue.Queue = gevent.queue.Queue()
         rows: dict = {}
         sent: list = []

@@ -183,4 +183,5 @@ def test_api_with_two_dispatch_workers_keeps_locks_and_records(trio, tmp_path):
         api.stop()
     log = open(api.log_path, encoding="utf-8", errors="replace").read()
     assert log.count("ACTION=dispatch-worker-start") == 2, log[-3000:]
+    assert "ACTION=dispatch-split HOSTS=70 REQID=%s WORKERS=2" % answer["reqid"] in log
     assert "Traceback" not in log
