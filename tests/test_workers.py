@@ -10,8 +10,10 @@ Last, the API with ``dispatch_workers = 2``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -19,6 +21,8 @@ import pytest
 import engine
 import workers
 from apitest_support import ApiServer
+from fleet import wait_for
+from test_cli import cli
 from test_engine import make_engine, start_agents, without_rtt
 
 HELLO = "#!/bin/sh\necho \"hi $1\"\n"
@@ -159,13 +163,36 @@ def test_dispatch_workers_must_be_a_positive_whole_number(fleet):
         split_engine(fleet, count=0)
 
 
-def test_api_with_two_dispatch_workers_keeps_locks_and_records(trio, tmp_path):
-    fleet, _ = trio
-    for index in range(70):                       # 70 registry names on the three agents
+def _aliases(fleet, count: int = 70) -> list:
+    """``count`` registry names a-00, a-01 … that point at the three agents in turn."""
+    for index in range(count):
         record = dict(fleet.registry.get("w-%d" % (index % 3 + 1)))
         record["hostname"] = "a-%02d" % index
         fleet.registry.put("a-%02d" % index, record)
-    hosts = ["a-%02d" % index for index in range(70)]
+    return ["a-%02d" % index for index in range(count)]
+
+
+def test_cli_with_two_dispatch_workers_runs_and_leaves_no_worker(trio):
+    fleet, _ = trio
+    hosts = _aliases(fleet)
+    fleet.set_conf(dispatch_workers=2, max_hosts=500)
+    done = cli(fleet.conf_path, "--json", "run", *hosts, "hello", "--", "cli")
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout)
+    assert [row["host"] for row in answer["results"]] == hosts
+    assert all(row["stdout"] == "hi cli\n" for row in answer["results"])
+    assert "ACTION=dispatch-split HOSTS=70" in done.stderr
+
+    def no_worker_left() -> bool:
+        found = subprocess.run(["pgrep", "-f", "workers.py --fd"], capture_output=True, text=True)
+        return found.stdout.strip() == ""
+
+    wait_for(no_worker_left, "the CLI's dispatch workers to exit after it did", timeout_s=10)
+
+
+def test_api_with_two_dispatch_workers_keeps_locks_and_records(trio, tmp_path):
+    fleet, _ = trio
+    hosts = _aliases(fleet)
     api = ApiServer.for_fleet(fleet, str(tmp_path / "api.log"), dispatch_workers=2,
                               max_hosts=500)
     api.start()
