@@ -255,6 +255,10 @@ class SplitEngine(engine_mod.Engine):
                                      targets=[list(t) for t in part]))
                 except WorkerLost as exc:
                     rows[index] = _lost_rows(part, async_, script, reqid, str(exc))
+                    continue
+                if not worker.alive:   # it died before this run was registered with its reader
+                    rows[index] = _lost_rows(part, async_, script, reqid,
+                                             "dispatch worker %d exited" % index)
             watcher = gevent.spawn(self._relay_cancel, control, sent, run_id) if control else None
             try:
                 self._collect(queue, dict(slices), rows, on_event if streamed else None,
