@@ -24,7 +24,7 @@ from fleet import free_address, free_port
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 CHROMIUM_TIMEOUT_S = 90
-RUN_SECONDS = 6
+RUN_SECONDS = 8
 
 
 def _chromium() -> str:
@@ -102,6 +102,14 @@ def _start_streamed_sleep(port: int):
     assert response.status == 200
     first = json.loads(response.readline())
     assert first["event"] == "start"
+    # Chromium opens the page once both hosts have printed their first line, so the
+    # page's follow request replays it however slowly the browser starts.
+    waiting = {"demo-1", "demo-2"}
+    while waiting:
+        event = json.loads(response.readline())
+        if event["event"] == "stdout" and "1/%d seconds" % RUN_SECONDS in event["data"]:
+            waiting.discard(event["host"])
+        assert event["event"] not in ("exit", "done"), event
     return conn, response, first["reqid"]
 
 
